@@ -1,0 +1,1 @@
+"""Proctor control plane: Lambda handlers and the domain they serve."""

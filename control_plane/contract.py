@@ -1,0 +1,412 @@
+"""The wire contract shared by the control plane and the gateways.
+
+Grant claims, identity, and the evidence event schema and layout. No AWS imports: the data
+plane depends on this module only.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import time
+import uuid
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import jwt
+
+PRODUCT_NAME = "Proctor"
+PRODUCT_VERSION = "0.1.0"
+OCSF_VERSION = "1.1.0"
+
+GRANT_ISSUER = "proctor"
+GRANT_AUDIENCE = "proctor-gateway"
+GRANT_ALGORITHM = "ES256"
+
+TARGET_KINDS = ("postgres", "mysql", "ssh", "kubernetes")
+
+# Claims of a pipeline's workload token that become part of the recorded identity.
+PIPELINE_CLAIMS = ("repository", "workflow", "run_id", "run_attempt", "actor", "ref", "sha", "job")
+
+
+@dataclass(frozen=True)
+class Identity:
+    """Who is asking: an authenticated person, or a pipeline run and the person who triggered it."""
+
+    issuer: str
+    subject: str
+    groups: tuple[str, ...] = ()
+    pipeline: Mapping[str, str] = field(default_factory=dict)
+    email: str | None = None
+
+    @property
+    def kind(self) -> str:
+        return "pipeline" if self.pipeline else "user"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "issuer": self.issuer,
+            "subject": self.subject,
+            "groups": list(self.groups),
+            "pipeline": dict(self.pipeline),
+            "email": self.email,
+            "kind": self.kind,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Identity:
+        return cls(
+            issuer=str(data["issuer"]),
+            subject=str(data["subject"]),
+            groups=tuple(data.get("groups") or ()),
+            pipeline={str(k): str(v) for k, v in (data.get("pipeline") or {}).items()},
+            email=data.get("email"),
+        )
+
+
+@dataclass(frozen=True)
+class GrantClaims:
+    """What a grant JWT says. Signed by the control plane, verified offline by gateways."""
+
+    grant_id: str
+    identity: Identity
+    target: str
+    target_kind: str
+    backend_role: str
+    database: str | None
+    policy_name: str
+    policy_version: int
+    issued_at: int
+    expires_at: int
+    reason: str = ""
+    guardrails: tuple[Mapping[str, Any], ...] = ()
+    masking: tuple[Mapping[str, Any], ...] = ()
+    approvals: tuple[str, ...] = ()
+
+    def to_jwt_claims(self) -> dict[str, Any]:
+        return {
+            "iss": GRANT_ISSUER,
+            "aud": GRANT_AUDIENCE,
+            "sub": self.identity.subject,
+            "jti": self.grant_id,
+            "iat": self.issued_at,
+            "nbf": self.issued_at,
+            "exp": self.expires_at,
+            "idn": self.identity.to_dict(),
+            "tgt": {"name": self.target, "kind": self.target_kind, "db": self.database},
+            "role": self.backend_role,
+            "pol": {"name": self.policy_name, "version": self.policy_version},
+            "rules": {"guardrails": list(self.guardrails), "masking": list(self.masking)},
+            "apr": list(self.approvals),
+            "rsn": self.reason,
+        }
+
+    @classmethod
+    def from_jwt_claims(cls, claims: Mapping[str, Any]) -> GrantClaims:
+        target = claims["tgt"]
+        policy = claims["pol"]
+        rules = claims.get("rules") or {}
+        return cls(
+            grant_id=str(claims["jti"]),
+            identity=Identity.from_dict(claims["idn"]),
+            target=str(target["name"]),
+            target_kind=str(target["kind"]),
+            database=target.get("db"),
+            backend_role=str(claims["role"]),
+            policy_name=str(policy["name"]),
+            policy_version=int(policy["version"]),
+            issued_at=int(claims["iat"]),
+            expires_at=int(claims["exp"]),
+            reason=str(claims.get("rsn") or ""),
+            guardrails=tuple(rules.get("guardrails") or ()),
+            masking=tuple(rules.get("masking") or ()),
+            approvals=tuple(claims.get("apr") or ()),
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# Evidence events, shaped after OCSF classes. One flat row per event with fixed columns, so the
+# Glue table (Athena) and the local DuckDB view read the same schema.
+# ---------------------------------------------------------------------------------------------
+
+CLASS_AUTHENTICATION = (3002, "Authentication")
+CLASS_SSH_ACTIVITY = (4007, "SSH Activity")
+CLASS_API_ACTIVITY = (6003, "API Activity")
+CLASS_DATASTORE_ACTIVITY = (6005, "Datastore Activity")
+
+# Activity names per class -> OCSF activity_id; Proctor's own verbs without an OCSF id are 99
+# ("Other") and keep their name in activity_name.
+ACTIVITIES: dict[int, dict[str, int]] = {
+    3002: {"logon": 1, "logoff": 2, "authentication_ticket": 3},
+    4007: {"open": 1, "close": 2, "fail": 4, "refuse": 5, "data": 6},
+    6003: {"create": 1, "read": 2, "update": 3, "delete": 4},
+    6005: {"read": 1, "update": 2, "connect": 3, "query": 4, "write": 5},
+}
+
+STATUS_SUCCESS = "Success"
+STATUS_FAILURE = "Failure"
+
+# (column, Athena/Hive type). Nested details that vary by event live in JSON strings
+# (`actor_pipeline`, `details`) so the table never needs a schema change for a new field.
+EVENT_COLUMNS: tuple[tuple[str, str], ...] = (
+    ("event_id", "string"),
+    ("time", "bigint"),
+    ("time_iso", "string"),
+    ("class_uid", "int"),
+    ("class_name", "string"),
+    ("activity_id", "int"),
+    ("activity_name", "string"),
+    ("type_uid", "bigint"),
+    ("status", "string"),
+    ("status_detail", "string"),
+    ("severity_id", "int"),
+    ("actor_subject", "string"),
+    ("actor_issuer", "string"),
+    ("actor_kind", "string"),
+    ("actor_groups", "array<string>"),
+    ("actor_pipeline", "string"),
+    ("pipeline_repository", "string"),
+    ("pipeline_run_id", "string"),
+    ("pipeline_actor", "string"),
+    ("src_ip", "string"),
+    ("src_port", "int"),
+    ("target_name", "string"),
+    ("target_kind", "string"),
+    ("database_name", "string"),
+    ("backend_user", "string"),
+    ("session_id", "string"),
+    ("grant_id", "string"),
+    ("policy_name", "string"),
+    ("policy_version", "int"),
+    ("api_operation", "string"),
+    ("http_status", "int"),
+    ("statement", "string"),
+    ("command_tag", "string"),
+    ("rows", "bigint"),
+    ("bytes", "bigint"),
+    ("duration_ms", "double"),
+    ("sqlstate", "string"),
+    ("approval_id", "string"),
+    ("rule", "string"),
+    ("details", "string"),
+    ("product_version", "string"),
+    ("gateway_region", "string"),
+)
+EVENT_COLUMN_NAMES = tuple(name for name, _ in EVENT_COLUMNS)
+PARTITION_COLUMNS: tuple[tuple[str, str], ...] = (("dt", "string"), ("region", "string"))
+
+# Session index rows (one per session, written at session end) for the `sessions` table.
+SESSION_COLUMNS: tuple[tuple[str, str], ...] = (
+    ("session_id", "string"),
+    ("protocol", "string"),
+    ("started_at", "string"),
+    ("ended_at", "string"),
+    ("actor_subject", "string"),
+    ("actor_kind", "string"),
+    ("pipeline_repository", "string"),
+    ("pipeline_run_id", "string"),
+    ("pipeline_actor", "string"),
+    ("target_name", "string"),
+    ("database_name", "string"),
+    ("backend_user", "string"),
+    ("grant_id", "string"),
+    ("src_ip", "string"),
+    ("statements", "bigint"),
+    ("bytes_in", "bigint"),
+    ("bytes_out", "bigint"),
+    ("chunks", "int"),
+    ("last_hash", "string"),
+    ("recording_prefix", "string"),
+    ("gateway_region", "string"),
+)
+
+EVENTS_PREFIX = "events"
+SESSIONS_PREFIX = "sessions"
+RECORDINGS_PREFIX = "recordings"
+
+
+def new_event_id() -> str:
+    return uuid.uuid4().hex
+
+
+def evidence_event(
+    event_class: tuple[int, str],
+    activity: str,
+    *,
+    status: str = STATUS_SUCCESS,
+    identity: Identity | None = None,
+    now: float | None = None,
+    region: str = "",
+    details: Mapping[str, Any] | None = None,
+    **fields: Any,
+) -> dict[str, Any]:
+    """Build one evidence row. Unknown field names are a programming error."""
+    class_uid, class_name = event_class
+    activity_id = ACTIVITIES[class_uid].get(activity, 99)
+    ts = time.time() if now is None else now
+    row: dict[str, Any] = dict.fromkeys(EVENT_COLUMN_NAMES)
+    row.update(
+        event_id=new_event_id(),
+        time=int(ts * 1000),
+        time_iso=datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds"),
+        class_uid=class_uid,
+        class_name=class_name,
+        activity_id=activity_id,
+        activity_name=activity,
+        type_uid=class_uid * 100 + activity_id,
+        status=status,
+        severity_id=1 if status == STATUS_SUCCESS else 3,
+        product_version=PRODUCT_VERSION,
+        gateway_region=region,
+        actor_groups=[],
+    )
+    if identity is not None:
+        row.update(
+            actor_subject=identity.subject,
+            actor_issuer=identity.issuer,
+            actor_kind=identity.kind,
+            actor_groups=list(identity.groups),
+            actor_pipeline=json.dumps(dict(identity.pipeline), sort_keys=True) if identity.pipeline else None,
+            pipeline_repository=identity.pipeline.get("repository"),
+            pipeline_run_id=identity.pipeline.get("run_id"),
+            pipeline_actor=identity.pipeline.get("actor"),
+        )
+    unknown = set(fields) - set(EVENT_COLUMN_NAMES)
+    if unknown:
+        raise ValueError(f"unknown evidence fields: {sorted(unknown)}")
+    row.update(fields)
+    if details:
+        row["details"] = json.dumps(details, sort_keys=True, default=str)
+    return row
+
+
+def event_partition(row: Mapping[str, Any]) -> tuple[str, str]:
+    """(dt, region) partition of an event row."""
+    dt = datetime.fromtimestamp(int(row["time"]) / 1000, UTC).strftime("%Y-%m-%d")
+    return dt, str(row.get("gateway_region") or "global")
+
+
+def event_object_key(dt: str, region: str, batch_id: str, prefix: str = EVENTS_PREFIX) -> str:
+    return f"{prefix}/dt={dt}/region={region}/{batch_id}.jsonl.gz"
+
+
+def encode_jsonl_gz(rows: Iterable[Mapping[str, Any]]) -> bytes:
+    body = "".join(json.dumps(r, sort_keys=True, default=str, separators=(",", ":")) + "\n" for r in rows)
+    # mtime=0 keeps the bytes a pure function of the rows (digests stay reproducible).
+    return gzip.compress(body.encode(), mtime=0)
+
+
+def decode_jsonl_gz(data: bytes) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in gzip.decompress(data).decode().splitlines() if line]
+
+
+def group_by_partition(
+    rows: Iterable[Mapping[str, Any]],
+) -> dict[tuple[str, str], list[Mapping[str, Any]]]:
+    groups: dict[tuple[str, str], list[Mapping[str, Any]]] = {}
+    for row in rows:
+        groups.setdefault(event_partition(row), []).append(row)
+    return groups
+
+
+def new_batch_id(now: float | None = None) -> str:
+    """Sortable batch/object id: UTC timestamp then randomness."""
+    ts = datetime.fromtimestamp(time.time() if now is None else now, UTC)
+    return f"{ts:%Y%m%dT%H%M%S%f}Z-{uuid.uuid4().hex[:12]}"
+
+
+def recording_chunk_key(dt: str, session_id: str, chunk_no: int) -> str:
+    return f"{RECORDINGS_PREFIX}/dt={dt}/{session_id}/{chunk_no:06d}.jsonl.gz"
+
+
+def session_index_key(dt: str, region: str, session_id: str) -> str:
+    return f"{SESSIONS_PREFIX}/dt={dt}/region={region}/{session_id}.jsonl.gz"
+
+
+# ---------------------------------------------------------------------------------------------
+# Grant verification: the one verifier, used by the control plane (credential issuance) and by
+# every gateway (offline, against the published grant keys).
+# ---------------------------------------------------------------------------------------------
+
+
+class GrantInvalid(Exception):
+    """The grant cannot be accepted; the message is safe to show to the client."""
+
+
+class UnknownGrantKey(GrantInvalid):
+    """The grant names a key id the verifier does not hold (refresh the key set, then retry once)."""
+
+
+class GrantKeySet:
+    """Public grant-verification keys from a JWKS document, by key id."""
+
+    def __init__(self, jwks: Mapping[str, Any]) -> None:
+        self._keys: dict[str, Any] = {}
+        for jwk in jwks.get("keys", []):
+            if jwk.get("kty") != "EC" or jwk.get("crv") != "P-256" or "kid" not in jwk:
+                continue
+            self._keys[str(jwk["kid"])] = jwt.PyJWK(dict(jwk), algorithm=GRANT_ALGORITHM).key
+
+    def get(self, kid: str) -> Any | None:
+        return self._keys.get(kid)
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+
+def verify_grant(token: str, keys: GrantKeySet, *, leeway: int = 5) -> GrantClaims:
+    """Verify a grant JWT's signature (ES256 only), audience, issuer and lifetime."""
+    try:
+        header = jwt.get_unverified_header(token)
+    except jwt.PyJWTError as exc:
+        raise GrantInvalid("grant is not a valid JWT") from exc
+    if header.get("alg") != GRANT_ALGORITHM:
+        raise GrantInvalid("grant algorithm not allowed")
+    kid = header.get("kid")
+    key = keys.get(str(kid)) if kid else None
+    if key is None:
+        raise UnknownGrantKey("grant signed by an unknown key")
+    try:
+        claims = jwt.decode(
+            token,
+            key,
+            algorithms=[GRANT_ALGORITHM],
+            audience=GRANT_AUDIENCE,
+            issuer=GRANT_ISSUER,
+            leeway=leeway,
+            options={"require": ["exp", "iat", "nbf", "jti", "sub", "aud", "iss"]},
+        )
+    except jwt.ExpiredSignatureError as exc:
+        raise GrantInvalid("grant expired") from exc
+    except jwt.ImmatureSignatureError as exc:
+        raise GrantInvalid("grant not yet valid") from exc
+    except jwt.InvalidSignatureError as exc:
+        raise GrantInvalid("grant signature invalid") from exc
+    except jwt.PyJWTError as exc:
+        raise GrantInvalid(f"grant rejected: {exc}") from exc
+    try:
+        return GrantClaims.from_jwt_claims(claims)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise GrantInvalid("grant claims malformed") from exc
+
+
+def put_evidence_object(s3: Any, bucket: str, key: str, body: bytes) -> None:
+    """Write one evidence object. The SHA-256 checksum is checked by S3 and kept with the object;
+    the bucket's default Object Lock retention applies."""
+    s3.put_object(Bucket=bucket, Key=key, Body=body, ChecksumAlgorithm="SHA256",
+                  ContentType="application/x-ndjson", ContentEncoding="gzip")
+
+
+def write_event_batch(s3: Any, bucket: str, rows: Iterable[Mapping[str, Any]],
+                      *, batch_id: str | None = None) -> list[str]:
+    """The one writer of audit events: one gzip JSON-lines object per (date, region) partition.
+    `s3` is a boto3 S3 client (duck-typed here so this module stays free of AWS imports)."""
+    keys = []
+    batch_id = batch_id or new_batch_id()
+    for (dt, region), part in sorted(group_by_partition(rows).items()):
+        key = event_object_key(dt, region, batch_id)
+        put_evidence_object(s3, bucket, key, encode_jsonl_gz(part))
+        keys.append(key)
+    return keys

@@ -1,0 +1,1 @@
+"""Proctor's data plane: the gateway on every connection's path."""

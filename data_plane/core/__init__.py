@@ -1,0 +1,1 @@
+"""The protocol-agnostic core: grants, credentials, recording, evidence and policy hooks."""

@@ -1,0 +1,1 @@
+"""Proctor's user-facing CLI and local stack."""

@@ -1,0 +1,265 @@
+"""`proctor`: the user-facing command line."""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import os
+import shlex
+import sys
+from pathlib import Path
+from typing import Any
+
+from proctor.api_client import ApiClient, ApiError
+
+
+class CliError(Exception):
+    """A user-facing failure: printed without a traceback, exit status 1 (or the given code)."""
+
+    def __init__(self, message: str, code: int = 1) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def _dev_state(args: argparse.Namespace) -> dict[str, Any] | None:
+    from proctor.dev.stack import read_state, state_dir
+
+    return read_state(state_dir(getattr(args, "state_dir", None)))
+
+
+def api_url(args: argparse.Namespace) -> str:
+    url = getattr(args, "api", None) or os.environ.get("PROCTOR_API")
+    if url:
+        return url
+    state = _dev_state(args)
+    if state and state.get("api_url"):
+        return str(state["api_url"])
+    raise CliError("no control plane: set PROCTOR_API (or --api), or start the local stack with `proctor dev up`")
+
+
+def oidc_token(args: argparse.Namespace) -> str:
+    token = getattr(args, "token", None) or os.environ.get("PROCTOR_TOKEN")
+    if not token:
+        raise CliError("no identity token: set PROCTOR_TOKEN or pass --token")
+    return token.strip()
+
+
+# ------------------------------------------------------------------------------------------------
+# dev
+# ------------------------------------------------------------------------------------------------
+
+
+def cmd_dev_up(args: argparse.Namespace) -> int:
+    from proctor.dev.stack import state_dir, up
+
+    try:
+        state = up(state_dir(args.state_dir), with_gateway=not args.no_gateway)
+    except RuntimeError as exc:
+        raise CliError(str(exc)) from None
+    print(f"local stack up: api {state['api_url']}  oidc {state['oidc_issuer']}  aws {state['aws_endpoint']}")
+    pg = state.get("postgres") or {}
+    print(f"demo target demo-pg: postgres {pg.get('host')}:{pg.get('port')} via gateway "
+          f"{state['gateway']['host']}:{state['gateway']['port']}")
+    return 0
+
+
+def cmd_dev_down(args: argparse.Namespace) -> int:
+    from proctor.dev.stack import down, state_dir
+
+    stopped = down(state_dir(args.state_dir))
+    print("local stack down" + (f" (stopped {', '.join(stopped)})" if stopped else " (was not running)"))
+    return 0
+
+
+def cmd_dev_status(args: argparse.Namespace) -> int:
+    from proctor.dev.stack import state_dir, status
+
+    info = status(state_dir(args.state_dir))
+    print(json.dumps(info, indent=2, sort_keys=True))
+    return 0 if info.get("status") == "ready" and all(info.get("alive", {}).values()) else 3
+
+
+def cmd_dev_token(args: argparse.Namespace) -> int:
+    from proctor.dev.oidc_issuer import DevIssuer
+
+    state = _dev_state(args)
+    if not state or "oidc_key" not in state:
+        raise CliError("the local stack is not running: `proctor dev up`")
+    claims: dict[str, Any] = {}
+    for item in args.claim or []:
+        if "=" not in item:
+            raise CliError(f"--claim takes KEY=VALUE, got {item!r}")
+        key, value = item.split("=", 1)
+        claims[key] = value
+    groups = tuple(g for spec in args.groups or [] for g in spec.split(",") if g)
+    issuer = DevIssuer(Path(state["oidc_key"]), state["oidc_issuer"])
+    print(issuer.mint(args.sub, groups=groups, claims=claims, ttl=args.ttl))
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------
+# grants
+# ------------------------------------------------------------------------------------------------
+
+
+def decode_jwt_unverified(token: str) -> dict[str, Any]:
+    payload = token.split(".")[1]
+    return json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+
+
+def grant_env(grant: dict[str, Any], ca_file: str | None) -> list[tuple[str, str]]:
+    conn = grant["connection"]
+    pairs = [("PGHOST", conn["host"]), ("PGPORT", str(conn["port"])), ("PGUSER", conn["user"]),
+             ("PGPASSWORD", grant["token"]), ("PGDATABASE", conn.get("database") or "")]
+    if ca_file:
+        pairs += [("PGSSLMODE", "verify-full"), ("PGSSLROOTCERT", ca_file)]
+    else:
+        pairs.append(("PGSSLMODE", conn.get("sslmode") or "require"))
+    return pairs
+
+
+def cmd_grant(args: argparse.Namespace) -> int:
+    client = ApiClient(api_url(args), oidc_token(args))
+    body: dict[str, Any] = {"target": args.target, "reason": args.reason or ""}
+    if args.duration:
+        body["duration_seconds"] = args.duration
+    try:
+        status, grant = client.post("/v1/grants", body)
+    except ApiError as exc:
+        raise CliError(f"grant refused ({exc.status}): {exc.detail}") from None
+    if status == 202:
+        request = grant["access_request"]
+        print(f"access to {args.target} needs approval: access request {request['id']} is pending "
+              f"(approvers: {', '.join(request.get('approver_groups') or [])})", file=sys.stderr)
+        if args.format == "json":
+            print(json.dumps(grant, indent=2))
+        return 2
+    if args.format == "token":
+        print(grant["token"])
+    elif args.format == "json":
+        print(json.dumps(grant | {"claims": decode_jwt_unverified(grant["token"])}, indent=2))
+    else:
+        state = _dev_state(args)
+        ca_file = args.ca_file or (state or {}).get("gateway", {}).get("ca_file")
+        for key, value in grant_env(grant, ca_file):
+            print(f"export {key}={shlex.quote(value)}")
+    return 0
+
+
+def cmd_whoami(args: argparse.Namespace) -> int:
+    try:
+        print(json.dumps(ApiClient(api_url(args), oidc_token(args)).get("/v1/whoami"), indent=2))
+    except ApiError as exc:
+        raise CliError(f"refused ({exc.status}): {exc.detail}") from None
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------
+# evidence
+# ------------------------------------------------------------------------------------------------
+
+
+def evidence_source(args: argparse.Namespace) -> dict[str, Any]:
+    """Where the evidence lives: Athena in AWS (PROCTOR_ATHENA_WORKGROUP set), else the local stack."""
+    workgroup = os.environ.get("PROCTOR_ATHENA_WORKGROUP")
+    if workgroup:
+        return {"mode": "athena", "workgroup": workgroup}
+    state = _dev_state(args)
+    if not state:
+        raise CliError("no evidence source: set PROCTOR_ATHENA_WORKGROUP (AWS) or start `proctor dev up`")
+    return {"mode": "local", "endpoint": state["aws_endpoint"], "bucket": state["evidence_bucket"],
+            "recordings_bucket": state["recordings_bucket"], "region": state["region"]}
+
+
+def cmd_evidence_query(args: argparse.Namespace) -> int:
+    import boto3
+
+    from proctor.evidence_query import EvidenceQueryError, format_result, run_athena_query, run_local_query
+
+    source = evidence_source(args)
+    try:
+        if source["mode"] == "athena":
+            result = run_athena_query(args.sql, boto3.client("athena"), workgroup=source["workgroup"])
+        else:
+            from proctor.dev.aws import client
+
+            result = run_local_query(args.sql, client(source["endpoint"], "s3"), bucket=source["bucket"])
+    except EvidenceQueryError as exc:
+        raise CliError(f"query failed: {exc}") from None
+    print(format_result(result, args.format))
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------
+# demo
+# ------------------------------------------------------------------------------------------------
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from proctor.demo import run_demo
+
+    return run_demo(state_dir=args.state_dir, keep=args.keep)
+
+
+# ------------------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="proctor", description="Proctor access gateway")
+    parser.add_argument("--api", help="control-plane URL (default: PROCTOR_API or the local stack)")
+    parser.add_argument("--state-dir", help="local stack state directory (default: .proctor/dev)")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    dev = sub.add_parser("dev", help="the local stack").add_subparsers(dest="dev_command", required=True)
+    p = dev.add_parser("up", help="start the local stack")
+    p.add_argument("--no-gateway", action="store_true", help="control plane and database only")
+    p.set_defaults(func=cmd_dev_up)
+    dev.add_parser("down", help="stop every process the local stack started").set_defaults(func=cmd_dev_down)
+    dev.add_parser("status", help="show the local stack").set_defaults(func=cmd_dev_status)
+    p = dev.add_parser("token", help="mint a dev OIDC token")
+    p.add_argument("--sub", required=True)
+    p.add_argument("--groups", action="append", help="comma-separated groups (repeatable)")
+    p.add_argument("--claim", action="append", help="KEY=VALUE claim, e.g. repository=acme/app (repeatable)")
+    p.add_argument("--ttl", type=int, default=3600)
+    p.set_defaults(func=cmd_dev_token)
+
+    p = sub.add_parser("grant", help="obtain a grant for a target")
+    p.add_argument("--target", required=True)
+    p.add_argument("--reason", default="")
+    p.add_argument("--duration", type=int, help="seconds (bounded by policy)")
+    p.add_argument("--format", choices=["token", "env", "json"], default="env")
+    p.add_argument("--token", help="OIDC token (default: PROCTOR_TOKEN)")
+    p.add_argument("--ca-file", help="CA bundle for verify-full TLS to the gateway")
+    p.set_defaults(func=cmd_grant)
+
+    p = sub.add_parser("whoami", help="the identity the control plane sees")
+    p.add_argument("--token")
+    p.set_defaults(func=cmd_whoami)
+
+    evidence = sub.add_parser("evidence", help="query the evidence").add_subparsers(dest="evidence_command",
+                                                                                  required=True)
+    p = evidence.add_parser("query", help="run Athena SQL (locally on DuckDB)")
+    p.add_argument("sql")
+    p.add_argument("--format", choices=["table", "csv", "json"], default="table")
+    p.set_defaults(func=cmd_evidence_query)
+
+    p = sub.add_parser("demo", help="run the demo on the local stack")
+    p.add_argument("--keep", action="store_true", help="leave the local stack running")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except CliError as exc:
+        print(f"proctor: {exc}", file=sys.stderr)
+        return exc.code
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
