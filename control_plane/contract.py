@@ -177,6 +177,7 @@ EVENT_COLUMNS: tuple[tuple[str, str], ...] = (
     ("database_name", "string"),
     ("backend_user", "string"),
     ("session_id", "string"),
+    ("seq", "bigint"),
     ("grant_id", "string"),
     ("policy_name", "string"),
     ("policy_version", "int"),
@@ -318,7 +319,7 @@ def new_batch_id(now: float | None = None) -> str:
 
 
 def recording_chunk_key(dt: str, session_id: str, chunk_no: int) -> str:
-    return f"{RECORDINGS_PREFIX}/dt={dt}/{session_id}/{chunk_no:06d}.jsonl.gz"
+    return f"{RECORDINGS_PREFIX}/dt={dt}/{session_id}/{chunk_no:06d}.rec.gz"
 
 
 def session_index_key(dt: str, region: str, session_id: str) -> str:

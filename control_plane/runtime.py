@@ -6,6 +6,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -81,13 +82,14 @@ class RequestAudit:
         self.evidence.add(row)
 
 
-_current: RequestAudit | None = None
+_current: ContextVar[RequestAudit | None] = ContextVar("proctor_request_audit", default=None)
 
 
 def current_audit() -> RequestAudit:
-    if _current is None:
+    audit = _current.get()
+    if audit is None:
         raise RuntimeError("no request is being served")
-    return _current
+    return audit
 
 
 _ACTIVITY_BY_METHOD = {"GET": "read", "HEAD": "read", "POST": "create", "PUT": "update",
@@ -98,13 +100,12 @@ _ACTIVITY_BY_METHOD = {"GET": "read", "HEAD": "read", "POST": "create", "PUT": "
 def audited_request(event: dict[str, Any], svc: Services) -> Iterator[RequestAudit]:
     """Every API call becomes an API Activity event (who, what, result), written with whatever
     domain events the route added. A request whose evidence cannot be written fails."""
-    global _current
     audit = RequestAudit(EvidenceLog(svc.s3, svc.settings.evidence_bucket, svc.settings.region))
-    _current = audit
+    token = _current.set(audit)
     try:
         yield audit
     finally:
-        _current = None
+        _current.reset(token)
 
 
 def api_event(event: dict[str, Any], audit: RequestAudit, status_code: int, svc: Services) -> dict[str, Any]:

@@ -172,22 +172,80 @@ def evidence_source(args: argparse.Namespace) -> dict[str, Any]:
             "recordings_bucket": state["recordings_bucket"], "region": state["region"]}
 
 
-def cmd_evidence_query(args: argparse.Namespace) -> int:
+def _s3_for(source: dict[str, Any]) -> Any:
     import boto3
 
-    from proctor.evidence_query import EvidenceQueryError, format_result, run_athena_query, run_local_query
+    if source["mode"] == "athena":
+        return boto3.client("s3")
+    from proctor.dev.aws import client
+
+    return client(source["endpoint"], "s3")
+
+
+def run_evidence_sql(args: argparse.Namespace, sql: str) -> Any:
+    import boto3
+
+    from proctor.evidence_query import EvidenceQueryError, run_athena_query, run_local_query
 
     source = evidence_source(args)
     try:
         if source["mode"] == "athena":
-            result = run_athena_query(args.sql, boto3.client("athena"), workgroup=source["workgroup"])
-        else:
-            from proctor.dev.aws import client
-
-            result = run_local_query(args.sql, client(source["endpoint"], "s3"), bucket=source["bucket"])
+            return run_athena_query(sql, boto3.client("athena"), workgroup=source["workgroup"])
+        return run_local_query(sql, _s3_for(source), bucket=source["bucket"])
     except EvidenceQueryError as exc:
         raise CliError(f"query failed: {exc}") from None
-    print(format_result(result, args.format))
+
+
+def cmd_evidence_query(args: argparse.Namespace) -> int:
+    from proctor.evidence_query import format_result
+
+    print(format_result(run_evidence_sql(args, args.sql), args.format), end="")
+    return 0
+
+
+def cmd_evidence_sessions(args: argparse.Namespace) -> int:
+    from proctor.evidence_query import format_result
+
+    where = []
+    if args.target:
+        where.append(f"target_name = '{_sql_literal(args.target)}'")
+    if args.actor:
+        where.append(f"actor_subject = '{_sql_literal(args.actor)}'")
+    columns = ("session_id, started_at, ended_at, actor_subject, pipeline_repository, pipeline_run_id, "
+               "pipeline_actor, target_name, backend_user, statements, bytes_in, bytes_out")
+    condition = (" WHERE " + " AND ".join(where)) if where else ""
+    # Read-only evidence SQL; the only user values are escaped literals.
+    sql = f"SELECT {columns} FROM sessions{condition} ORDER BY started_at DESC LIMIT {int(args.limit)}"  # noqa: S608
+    print(format_result(run_evidence_sql(args, sql), args.format), end="")
+    return 0
+
+
+def _sql_literal(value: str) -> str:
+    return value.replace("'", "''")
+
+
+def cmd_evidence_replay(args: argparse.Namespace) -> int:
+    from proctor.replay import ReplayError, load_recording, postgres_timeline
+
+    source = evidence_source(args)
+    bucket = source.get("recordings_bucket") or os.environ.get("PROCTOR_RECORDINGS_BUCKET")
+    if not bucket:
+        raise CliError("no recordings bucket: set PROCTOR_RECORDINGS_BUCKET")
+    try:
+        recording = load_recording(_s3_for(source), bucket, args.session_id)
+    except ReplayError as exc:
+        raise CliError(str(exc)) from None
+    for line in postgres_timeline(recording):
+        print(line)
+    print(f"-- {len(recording.records)} records in {recording.chunks} chunk(s); hash chain verified; "
+          f"last hash {recording.last_hash}")
+    return 0
+
+
+def cmd_gateway_run(args: argparse.Namespace) -> int:
+    from data_plane.__main__ import main as gateway_main
+
+    gateway_main(["--config", args.config] if args.config else [])
     return 0
 
 
@@ -243,6 +301,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("sql")
     p.add_argument("--format", choices=["table", "csv", "json"], default="table")
     p.set_defaults(func=cmd_evidence_query)
+
+    p = evidence.add_parser("sessions", help="recent sessions")
+    p.add_argument("--target")
+    p.add_argument("--actor")
+    p.add_argument("--limit", type=int, default=20)
+    p.add_argument("--format", choices=["table", "csv", "json"], default="table")
+    p.set_defaults(func=cmd_evidence_sessions)
+    p = evidence.add_parser("replay", help="a session's timeline from its recording (chain verified)")
+    p.add_argument("session_id")
+    p.set_defaults(func=cmd_evidence_replay)
+
+    gateway = sub.add_parser("gateway", help="the data plane").add_subparsers(dest="gateway_command", required=True)
+    p = gateway.add_parser("run", help="run the gateway (settings from PROCTOR_* variables or --config)")
+    p.add_argument("--config", help="JSON settings file")
+    p.set_defaults(func=cmd_gateway_run)
 
     p = sub.add_parser("demo", help="run the demo on the local stack")
     p.add_argument("--keep", action="store_true", help="leave the local stack running")

@@ -8,6 +8,7 @@ from moto import mock_aws
 
 from control_plane.runtime import use_services
 from tests.control_plane_world import World, build_world
+from tests.stack import Stack
 
 
 @pytest.fixture
@@ -32,3 +33,16 @@ def world(aws_env: None, tmp_path: Path) -> Iterator[World]:
         finally:
             use_services(None)
             w.close()
+
+
+@pytest.fixture(scope="session")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    """The local stack with its gateway, shared by the integration tests of a run."""
+    from proctor.dev.stack import down, up
+
+    directory = tmp_path_factory.mktemp("stack")
+    state = up(directory)
+    try:
+        yield Stack(directory, state)
+    finally:
+        down(directory)

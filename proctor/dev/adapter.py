@@ -99,8 +99,9 @@ class ApiAdapter:
         self.routes = routes
         self.iam_keys = dict(iam_keys)
         self.stage = stage
-        # One Lambda instance per function: Powertools' resolver serves one request at a time.
-        self._locks = {r.function_name: threading.Lock() for r in routes}
+        # Powertools keeps the current event on a class shared by every resolver in the process, so
+        # the local stand-in runs one invocation at a time (in AWS each function is its own process).
+        self._lock = threading.Lock()
 
     def route_for(self, path: str) -> Route | None:
         matches = [r for r in self.routes if path == r.prefix or path.startswith(r.prefix.rstrip("/") + "/")]
@@ -153,7 +154,7 @@ class ApiAdapter:
                 return 403, {"Content-Type": "application/json"}, b'{"message":"Missing Authentication Token"}'
             user_arn = key.session_arn
         event = self.build_event(method, raw_path, headers, body, source_ip, user_arn)
-        with self._locks[route.function_name]:
+        with self._lock:
             result = route.handler(event, LambdaContext(route.function_name))
         out_headers = dict(result.get("headers") or {})
         for k, values in (result.get("multiValueHeaders") or {}).items():

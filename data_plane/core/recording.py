@@ -1,0 +1,141 @@
+"""Session recordings: an append-only stream of records with a SHA-256 hash chain.
+
+On disk (the spool) and in each shipped chunk a record is
+    header  !QdBBI  seq, unix time, direction, kind, payload length
+    payload
+    hash    sha256(previous hash || header || payload)
+and the chain starts from sha256(b"proctor-recording:" + session id), so records cannot be
+changed, dropped or reordered without breaking every later hash. Chunks are contiguous runs of
+records; the chain runs on from one chunk to the next.
+
+Durability (the fsync policy): each record is written with one `writev` before the bytes it
+describes are relayed, so a gateway killed mid-session loses nothing it had relayed; the file is
+fsynced at most every `fsync_interval` seconds while records arrive, and when the session ends,
+so a machine crash loses at most that interval."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import struct
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+HEADER = struct.Struct("!QdBBI")
+HASH_SIZE = 32
+
+# Directions.
+FROM_CLIENT = 0  # client → gateway (relayed to the backend)
+FROM_SERVER = 1  # backend → gateway (relayed to the client)
+FROM_GATEWAY = 2  # what the gateway itself answered the client
+META = 3  # session facts, not wire bytes
+
+# Kinds.
+WIRE = 1  # protocol bytes as relayed
+EVENT = 2  # a JSON document (session start/end, decisions)
+WIRE_REDACTED = 3  # protocol bytes with secrets replaced (the relayed bytes differed)
+
+DIRECTION_NAMES = {FROM_CLIENT: "client", FROM_SERVER: "server", FROM_GATEWAY: "gateway", META: "meta"}
+
+
+def genesis(session_id: str) -> bytes:
+    return hashlib.sha256(b"proctor-recording:" + session_id.encode()).digest()
+
+
+@dataclass(frozen=True)
+class Record:
+    seq: int
+    time: float
+    direction: int
+    kind: int
+    payload: bytes
+    hash: bytes
+
+    def json(self) -> Any:
+        return json.loads(self.payload) if self.kind == EVENT else None
+
+
+class RecordingWriter:
+    def __init__(self, path: Path, session_id: str, *, fsync_interval: float = 1.0) -> None:
+        self.path = path
+        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        self._prev = genesis(session_id)
+        self._seq = 0
+        self._fsync_interval = fsync_interval
+        self._last_sync = time.monotonic()
+        self.bytes_written = 0
+
+    @property
+    def last_hash(self) -> str:
+        return self._prev.hex()
+
+    def append(self, direction: int, kind: int, payload: bytes | bytearray | memoryview) -> None:
+        header = HEADER.pack(self._seq, time.time(), direction, kind, len(payload))
+        digest = hashlib.sha256(self._prev)
+        digest.update(header)
+        digest.update(payload)
+        self._prev = digest.digest()
+        written = os.writev(self._fd, [header, payload, self._prev])
+        if written != HEADER.size + len(payload) + HASH_SIZE:  # a short write on a regular file: disk full
+            raise OSError(f"short write to recording {self.path}")
+        self._seq += 1
+        self.bytes_written += written
+        now = time.monotonic()
+        if now - self._last_sync >= self._fsync_interval:
+            os.fsync(self._fd)
+            self._last_sync = now
+
+    def event(self, doc: dict[str, Any]) -> None:
+        self.append(META, EVENT, json.dumps(doc, sort_keys=True, default=str).encode())
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.fsync(self._fd)
+            os.close(self._fd)
+            self._fd = -1
+
+
+def complete_prefix(data: bytes | memoryview) -> int:
+    """Length of the longest run of whole records at the start of `data`."""
+    pos, n = 0, len(data)
+    while pos + HEADER.size <= n:
+        length = HEADER.unpack_from(data, pos)[4]
+        end = pos + HEADER.size + length + HASH_SIZE
+        if end > n:
+            break
+        pos = end
+    return pos
+
+
+class ChainBroken(Exception):
+    pass
+
+
+def read_records(data: bytes, previous_hash: bytes) -> Iterator[Record]:
+    """Decode and verify records; `previous_hash` is the genesis or the last hash of the prior chunk."""
+    pos, n, prev = 0, len(data), previous_hash
+    expected_seq: int | None = None
+    while pos < n:
+        if pos + HEADER.size > n:
+            raise ChainBroken("truncated record header")
+        seq, ts, direction, kind, length = HEADER.unpack_from(data, pos)
+        start = pos + HEADER.size
+        end = start + length
+        if end + HASH_SIZE > n:
+            raise ChainBroken(f"record {seq} truncated")
+        digest = hashlib.sha256(prev)
+        digest.update(data[pos:start])
+        digest.update(data[start:end])
+        stored = data[end:end + HASH_SIZE]
+        if digest.digest() != stored:
+            raise ChainBroken(f"hash chain broken at record {seq}")
+        if expected_seq is not None and seq != expected_seq:
+            raise ChainBroken(f"record {seq} out of order (expected {expected_seq})")
+        expected_seq = seq + 1
+        prev = stored
+        yield Record(seq, ts, direction, kind, bytes(data[start:end]), stored)
+        pos = end + HASH_SIZE

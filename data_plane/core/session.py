@@ -1,0 +1,127 @@
+"""What every protocol's session shares: who is connected to what, and the evidence rows that
+say so. Protocol modules speak this small vocabulary; none of them builds evidence by hand."""
+
+from __future__ import annotations
+
+import secrets
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from control_plane.contract import (
+    CLASS_DATASTORE_ACTIVITY,
+    CLASS_SSH_ACTIVITY,
+    STATUS_FAILURE,
+    STATUS_SUCCESS,
+    GrantClaims,
+    evidence_event,
+)
+
+_CLASSES = {"postgres": CLASS_DATASTORE_ACTIVITY, "mysql": CLASS_DATASTORE_ACTIVITY, "ssh": CLASS_SSH_ACTIVITY}
+
+
+def new_session_id() -> str:
+    return "s" + time.strftime("%Y%m%d%H%M%S", time.gmtime()) + secrets.token_hex(6)
+
+
+@dataclass
+class Statement:
+    """One statement (or command) as evidence: what was asked, what came back."""
+
+    text: str
+    started: float = field(default_factory=time.time)
+    started_mono: float = field(default_factory=time.monotonic)
+    parameters: list[str | None] | None = None
+    command_tag: str | None = None
+    rows: int = 0
+    bytes: int = 0
+    sqlstate: str | None = None
+    error: str | None = None
+    finished_mono: float | None = None
+    skipped: bool = False  # not run: an earlier error in the same pipeline aborted it
+    kind: str = "query"
+
+    @property
+    def duration_ms(self) -> float | None:
+        if self.finished_mono is None:
+            return None
+        return round((self.finished_mono - self.started_mono) * 1000, 3)
+
+
+@dataclass
+class SessionInfo:
+    session_id: str
+    protocol: str
+    client_ip: str
+    client_port: int
+    region: str
+    started_at: float = field(default_factory=time.time)
+    grant: GrantClaims | None = None
+    database: str | None = None
+    backend_user: str | None = None
+    statements: int = 0
+    bytes_in: int = 0
+    bytes_out: int = 0
+    record_parameters: bool = True
+    events: int = 0
+
+    def event(self, activity: str, *, status: str = STATUS_SUCCESS, details: dict[str, Any] | None = None,
+              now: float | None = None, **fields: Any) -> dict[str, Any]:
+        grant = self.grant
+        self.events += 1
+        base: dict[str, Any] = {
+            "session_id": self.session_id,
+            "seq": self.events,
+            "src_ip": self.client_ip,
+            "src_port": self.client_port,
+            "database_name": self.database,
+            "backend_user": self.backend_user,
+        }
+        if grant is not None:
+            base.update(grant_id=grant.grant_id, target_name=grant.target, target_kind=grant.target_kind,
+                        policy_name=grant.policy_name, policy_version=grant.policy_version)
+        base.update(fields)
+        return evidence_event(
+            _CLASSES.get(self.protocol, CLASS_DATASTORE_ACTIVITY), activity, status=status,
+            identity=grant.identity if grant else None, region=self.region, details=details, now=now, **base,
+        )
+
+    def statement_event(self, statement: Statement) -> dict[str, Any]:
+        failed = statement.sqlstate is not None or statement.skipped
+        details: dict[str, Any] = {"protocol": self.protocol, "kind": statement.kind}
+        if statement.parameters is not None:
+            details["parameters"] = statement.parameters
+        if statement.skipped:
+            details["skipped"] = "not executed: an earlier statement in the pipeline failed"
+        if statement.error:
+            details["error"] = statement.error
+        return self.event(
+            "query", status=STATUS_FAILURE if failed else STATUS_SUCCESS, details=details,
+            statement=statement.text, command_tag=statement.command_tag, rows=statement.rows,
+            bytes=statement.bytes, duration_ms=statement.duration_ms, sqlstate=statement.sqlstate,
+            status_detail=statement.error, now=statement.started,
+        )
+
+    def summary(self, ended_at: float) -> dict[str, Any]:
+        grant = self.grant
+        identity = grant.identity if grant else None
+        return {
+            "session_id": self.session_id,
+            "protocol": self.protocol,
+            "started_at": self.started_at,
+            "ended_at": ended_at,
+            "actor_subject": identity.subject if identity else None,
+            "actor_kind": identity.kind if identity else None,
+            "pipeline_repository": identity.pipeline.get("repository") if identity else None,
+            "pipeline_run_id": identity.pipeline.get("run_id") if identity else None,
+            "pipeline_actor": identity.pipeline.get("actor") if identity else None,
+            "target_name": grant.target if grant else None,
+            "database_name": self.database,
+            "backend_user": self.backend_user,
+            "grant_id": grant.grant_id if grant else None,
+            "src_ip": self.client_ip,
+            "statements": self.statements,
+            "bytes_in": self.bytes_in,
+            "bytes_out": self.bytes_out,
+            "gateway_region": self.region,
+        }

@@ -1,0 +1,93 @@
+"""The local spool: evidence is on disk before it is relayed, and the shipper moves it to S3.
+
+    <root>/instance                  the running gateway's instance id
+    <root>/sessions/<id>/meta.json   who, what, when (written at session start)
+    <root>/sessions/<id>/recording.bin   the hash-chained recording (see recording.py)
+    <root>/sessions/<id>/events.jsonl    audit events, one JSON object per line
+    <root>/sessions/<id>/summary.json    totals, written when the session ends
+    <root>/sessions/<id>/closed          marker: nothing more will be written
+    <root>/sessions/<id>/shipped.json    the shipper's progress
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from data_plane.core.recording import WIRE, RecordingWriter
+
+
+def write_json_atomic(path: Path, doc: Mapping[str, Any]) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    with open(tmp, "w") as fh:
+        json.dump(doc, fh, sort_keys=True, default=str)
+        fh.flush()
+        os.fsync(fh.fileno())
+    tmp.replace(path)
+
+
+class Spool:
+    def __init__(self, root: Path, *, fsync_interval: float = 1.0) -> None:
+        self.root = root
+        self.sessions_dir = root / "sessions"
+        self.sessions_dir.mkdir(parents=True, exist_ok=True)
+        self.instance_id = uuid.uuid4().hex
+        self.fsync_interval = fsync_interval
+        write_json_atomic(root / "instance", {"instance_id": self.instance_id, "pid": os.getpid()})
+
+    def open_session(self, session_id: str, meta: Mapping[str, Any]) -> SessionEvidence:
+        directory = self.sessions_dir / session_id
+        directory.mkdir(mode=0o700)
+        write_json_atomic(directory / "meta.json", dict(meta, session_id=session_id, instance_id=self.instance_id))
+        return SessionEvidence(directory, session_id, fsync_interval=self.fsync_interval)
+
+    def backlog_bytes(self) -> int:
+        total = 0
+        for directory in self.sessions_dir.iterdir():
+            shipped = read_json(directory / "shipped.json") or {}
+            for name, key in (("recording.bin", "recording_offset"), ("events.jsonl", "events_offset")):
+                try:
+                    total += max(0, (directory / name).stat().st_size - int(shipped.get(key, 0)))
+                except FileNotFoundError:
+                    continue
+        return total
+
+
+def read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads(path.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+
+
+class SessionEvidence:
+    """One session's spool: its recording and its audit events."""
+
+    def __init__(self, directory: Path, session_id: str, *, fsync_interval: float) -> None:
+        self.directory = directory
+        self.session_id = session_id
+        self.recording = RecordingWriter(directory / "recording.bin", session_id, fsync_interval=fsync_interval)
+        self._events_fd = os.open(directory / "events.jsonl", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        self.closed = False
+
+    def record(self, direction: int, payload: bytes | bytearray | memoryview, kind: int = WIRE) -> None:
+        self.recording.append(direction, kind, payload)
+
+    def add_event(self, row: Mapping[str, Any]) -> None:
+        line = json.dumps(row, sort_keys=True, default=str, separators=(",", ":")) + "\n"
+        os.write(self._events_fd, line.encode())
+
+    def close(self, summary: Mapping[str, Any]) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self.recording.close()
+        os.fsync(self._events_fd)
+        os.close(self._events_fd)
+        totals = dict(summary, last_hash=self.recording.last_hash, recording_bytes=self.recording.bytes_written)
+        write_json_atomic(self.directory / "summary.json", totals)
+        (self.directory / "closed").touch()

@@ -1,0 +1,1 @@
+"""PostgreSQL wire protocol: the sans-I/O codec and the session."""

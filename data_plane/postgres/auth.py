@@ -1,0 +1,65 @@
+"""Authenticating the gateway to the backend: SCRAM-SHA-256 (RFC 5802/7677), MD5 or cleartext,
+whichever the server asks for. The password stays in this module's objects; nothing logs it."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import secrets
+
+SCRAM_SHA_256 = "SCRAM-SHA-256"
+
+
+class BackendAuthError(Exception):
+    """Backend authentication could not complete (the message never contains the password)."""
+
+
+def md5_password(user: str, password: str, salt: bytes) -> str:
+    inner = hashlib.md5(password.encode() + user.encode()).hexdigest()  # noqa: S324 - the protocol's own hash
+    return "md5" + hashlib.md5(inner.encode() + salt).hexdigest()  # noqa: S324
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+class ScramClient:
+    """Client side of SCRAM-SHA-256 without channel binding (PostgreSQL's `n,,` GS2 header)."""
+
+    def __init__(self, password: str) -> None:
+        self._password = password.encode()
+        self._nonce = _b64(secrets.token_bytes(18))
+        self._client_first_bare = f"n=,r={self._nonce}"
+        self._server_signature: bytes | None = None
+
+    def client_first(self) -> bytes:
+        return ("n,," + self._client_first_bare).encode()
+
+    def client_final(self, server_first: bytes) -> bytes:
+        attrs = dict(part.split("=", 1) for part in server_first.decode().split(","))
+        try:
+            nonce, salt, iterations = attrs["r"], base64.b64decode(attrs["s"]), int(attrs["i"])
+        except (KeyError, ValueError) as exc:
+            raise BackendAuthError("malformed SCRAM server-first message") from exc
+        if not nonce.startswith(self._nonce) or iterations < 1:
+            raise BackendAuthError("SCRAM server nonce or iteration count invalid")
+        salted = hashlib.pbkdf2_hmac("sha256", self._password, salt, iterations)
+        client_key = hmac.new(salted, b"Client Key", hashlib.sha256).digest()
+        stored_key = hashlib.sha256(client_key).digest()
+        without_proof = f"c=biws,r={nonce}"
+        auth_message = f"{self._client_first_bare},{server_first.decode()},{without_proof}".encode()
+        client_signature = hmac.new(stored_key, auth_message, hashlib.sha256).digest()
+        proof = bytes(a ^ b for a, b in zip(client_key, client_signature, strict=True))
+        server_key = hmac.new(salted, b"Server Key", hashlib.sha256).digest()
+        self._server_signature = hmac.new(server_key, auth_message, hashlib.sha256).digest()
+        return f"{without_proof},p={_b64(proof)}".encode()
+
+    def verify_server_final(self, server_final: bytes) -> None:
+        attrs = dict(part.split("=", 1) for part in server_final.decode().split(",") if "=" in part)
+        if "e" in attrs:
+            raise BackendAuthError(f"SCRAM error from server: {attrs['e']}")
+        if self._server_signature is None or not hmac.compare_digest(
+            base64.b64decode(attrs.get("v", "")), self._server_signature
+        ):
+            raise BackendAuthError("SCRAM server signature mismatch: not the expected server")

@@ -1,0 +1,516 @@
+"""One PostgreSQL client connection through the gateway. Its life reads top to bottom:
+
+    run → negotiate (TLS, startup) → authorize (the grant) → connect the backend (the injected
+    credential) → relay, until either side ends or the grant expires or is revoked.
+
+The relay scans frame headers and forwards the bytes it read untouched, one write per read;
+only the few messages that evidence needs (Query, Parse, Bind, Execute, CommandComplete, Error,
+ReadyForQuery…) are decoded."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import struct
+import time
+from typing import Any
+
+from control_plane.contract import (
+    CLASS_AUTHENTICATION,
+    STATUS_FAILURE,
+    STATUS_SUCCESS,
+    GrantClaims,
+    GrantInvalid,
+    evidence_event,
+)
+from data_plane import metrics
+from data_plane.core.context import GatewayContext
+from data_plane.core.control_plane_client import ControlPlaneError
+from data_plane.core.credentials import Credential
+from data_plane.core.recording import FROM_CLIENT, FROM_GATEWAY, FROM_SERVER, WIRE_REDACTED
+from data_plane.core.redact import might_hold_secret, redact_statement
+from data_plane.core.registry import CancelTarget
+from data_plane.core.session import SessionInfo, Statement, new_session_id
+from data_plane.core.spool import SessionEvidence
+from data_plane.postgres import backend as pg_backend
+from data_plane.postgres import messages as m
+from data_plane.postgres.auth import BackendAuthError
+from data_plane.postgres.framescan import FrameError, FrameTooLarge, scan_frames
+from data_plane.postgres.tracker import StatementTracker
+
+log = logging.getLogger("proctor.gateway.postgres")
+
+_LENGTH = struct.Struct("!i")
+CLIENT_SKIP = b"d"  # CopyData from the client is counted, not decoded
+SERVER_SKIP = b"Dd"  # DataRow and CopyData from the server likewise
+SERVER_DECODED = frozenset(b"CEZIst")
+CLIENT_DECODED = frozenset(b"QPBESFCDHX")
+WRITE_HIGH_WATER = 1 << 20
+
+
+class SessionEnded(Exception):
+    """The client went away, or was refused; nothing more to say to it."""
+
+
+class PostgresSession:
+    def __init__(self, ctx: GatewayContext, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.ctx = ctx
+        self.reader = reader
+        self.writer = writer
+        peer = writer.get_extra_info("peername") or ("", 0)
+        self.info = SessionInfo(new_session_id(), "postgres", str(peer[0]), int(peer[1]), ctx.config.region)
+        self.session_id = self.info.session_id
+        self.evidence: SessionEvidence | None = None
+        self.tls = False
+        self.relay: Relay | None = None
+        self.cancel_key: tuple[int, int] | None = None
+        self._terminated: tuple[str, str] | None = None
+        self._outcome = "refused"
+
+    # ------------------------------------------------------------------------------------------
+    async def run(self) -> None:
+        grant: GrantClaims | None = None
+        try:
+            startup = await self.negotiate()
+            if startup is None:
+                return
+            token, grant = await self.authorize(startup)
+            backend = await self.connect_backend(token, grant, startup)
+            await self.run_authorized(backend, grant)
+        except SessionEnded:
+            pass
+        except (ConnectionError, asyncio.IncompleteReadError, TimeoutError):
+            pass
+        except m.ProtocolViolation as exc:
+            await self.refuse("08P01", f"protocol violation: {exc}")
+        except Exception:
+            log.exception("session %s failed", self.session_id)
+            metrics.ERRORS.labels("session").inc()
+            await self.refuse("XX000", "internal gateway error")
+        finally:
+            self.close(grant)
+
+    # ------------------------------------------------------------------------------------------
+    async def read_startup_packet(self) -> m.StartupPacket:
+        header = await self.reader.readexactly(4)
+        (length,) = _LENGTH.unpack(header)
+        if length < 8 or length > m.MAX_STARTUP_PACKET:
+            raise m.ProtocolViolation("invalid startup packet length")
+        return m.parse_startup_packet(header + await self.reader.readexactly(length - 4))
+
+    async def negotiate(self) -> m.StartupMessage | None:
+        """TLS and the startup message; a cancel request is forwarded and ends the connection."""
+        while True:
+            packet = await asyncio.wait_for(self.read_startup_packet(), 30)
+            if isinstance(packet, m.SSLRequest):
+                if self.tls or self.ctx.tls is None:
+                    self.writer.write(b"N")
+                    continue
+                self.writer.write(b"S")
+                await self.writer.drain()
+                await self.writer.start_tls(self.ctx.tls)
+                self.tls = True
+            elif isinstance(packet, m.GSSENCRequest):
+                self.writer.write(b"N")
+            elif isinstance(packet, m.CancelRequest):
+                await self.forward_cancel(packet)
+                return None
+            else:
+                if packet.protocol != m.PROTOCOL_3_0:
+                    raise m.ProtocolViolation("only protocol 3.0 is supported")
+                if self.ctx.config.pg_require_tls and not self.tls:
+                    await self.refuse("28000", "the Proctor gateway requires TLS: connect with sslmode=require",
+                                      audit_reason="plaintext connection refused")
+                    raise SessionEnded
+                if self.ctx.draining:
+                    await self.refuse("57P03", "the Proctor gateway is shutting down; reconnect")
+                    raise SessionEnded
+                return packet
+
+    async def forward_cancel(self, request: m.CancelRequest) -> None:
+        target = self.ctx.registry.cancel_target(request.pid, request.secret)
+        if target is None:
+            return  # as PostgreSQL does: say nothing about unknown keys
+        with contextlib.suppress(OSError, TimeoutError):
+            await pg_backend.send_cancel(target.host, target.port, target.pid, target.secret)
+
+    # ------------------------------------------------------------------------------------------
+    def open_evidence(self, startup: m.StartupMessage) -> SessionEvidence:
+        if self.evidence is None:
+            self.evidence = self.ctx.spool.open_session(self.session_id, {
+                "protocol": "postgres", "started_at": self.info.started_at, "region": self.info.region,
+                "client_ip": self.info.client_ip, "client_port": self.info.client_port,
+                "client_user": startup.params.get("user"), "client_database": startup.params.get("database"),
+                "application_name": startup.params.get("application_name"), "tls": self.tls,
+            })
+        return self.evidence
+
+    async def authorize(self, startup: m.StartupMessage) -> tuple[str, GrantClaims]:
+        """Ask for the password (the grant JWT, over TLS) and verify it offline."""
+        evidence = self.open_evidence(startup)
+        self.writer.write(m.authentication(m.AUTH_CLEARTEXT))
+        await self.writer.drain()
+        msg_type, body = await asyncio.wait_for(pg_backend.read_message(self.reader, 1 << 16), 60)
+        if msg_type != b"p":
+            raise m.ProtocolViolation("expected a password message")
+        token = m.parse_password(body)
+        try:
+            grant = await self.ctx.authority.verify(token)
+            requested = startup.params.get("database")
+            if grant.target_kind != "postgres":
+                raise GrantInvalid(f"grant is for a {grant.target_kind} target")
+            if requested and grant.database and requested != grant.database:
+                raise GrantInvalid(f"grant is for database {grant.database!r}, not {requested!r}")
+        except GrantInvalid as exc:
+            evidence.add_event(evidence_event(
+                CLASS_AUTHENTICATION, "logon", status=STATUS_FAILURE, region=self.info.region,
+                status_detail=str(exc), session_id=self.session_id, src_ip=self.info.client_ip,
+                src_port=self.info.client_port, details={"mechanism": "grant", "protocol": "postgres"}))
+            metrics.SESSIONS.labels("postgres", "refused").inc()
+            await self.refuse("28P01", f"Proctor grant rejected: {exc}")
+            raise SessionEnded from exc
+        self.info.grant = grant
+        self.info.database = requested or grant.database
+        self.info.backend_user = grant.backend_role
+        self.info.record_parameters = True
+        # The recording holds the grant's id, not the bearer token itself.
+        evidence.record(FROM_CLIENT, m.password_message(f"<grant {grant.grant_id}>"), WIRE_REDACTED)
+        evidence.add_event(evidence_event(
+            CLASS_AUTHENTICATION, "logon", identity=grant.identity, region=self.info.region,
+            session_id=self.session_id, grant_id=grant.grant_id, target_name=grant.target,
+            src_ip=self.info.client_ip, src_port=self.info.client_port, policy_name=grant.policy_name,
+            policy_version=grant.policy_version, details={"mechanism": "grant", "protocol": "postgres"}))
+        return token, grant
+
+    async def connect_backend(self, token: str, grant: GrantClaims,
+                              startup: m.StartupMessage) -> pg_backend.BackendConnection:
+        """Fetch the credential and log in as the backend role; on an authentication failure
+        (a rotation in progress) refresh once, then try the pending version."""
+        attempts = ({"fresh": False}, {"fresh": True}, {"pending": True})
+        last_error = "backend authentication failed"
+        for attempt in attempts:
+            try:
+                credential, source = await self.ctx.credentials.get(token, grant, self.session_id, **attempt)
+            except ControlPlaneError as exc:
+                if exc.status == 404 and attempt.get("pending"):
+                    break
+                await self.fail_connect("08006", "cannot obtain the target's credential", f"control plane: {exc}")
+                raise SessionEnded from exc
+            try:
+                backend = await pg_backend.connect(
+                    credential, self.info.database, startup.params, timeout=self.ctx.config.backend_connect_timeout,
+                    max_message=self.ctx.config.max_message_bytes, ca_file=self.ctx.config.backend_ca_file)
+            except pg_backend.BackendRefused as exc:
+                if exc.authentication_failed:
+                    self.ctx.credentials.forget(grant)
+                    last_error = "the target refused the injected credential"
+                    continue
+                await self.fail_connect(exc.sqlstate, exc.fields.get("M", "backend refused the connection"),
+                                        f"backend: {exc.sqlstate}")
+                raise SessionEnded from exc
+            except (pg_backend.BackendUnavailable, BackendAuthError) as exc:
+                await self.fail_connect("08006", f"cannot connect to target {grant.target}: {exc}", str(exc))
+                raise SessionEnded from exc
+            self._credential_use = {"source": source, "version_id": credential.version_id,
+                                    "backend_tls": backend.tls, **_endpoint(credential)}
+            return backend
+        await self.fail_connect("28000", f"cannot log in to target {grant.target}: {last_error}", last_error)
+        raise SessionEnded
+
+    async def fail_connect(self, code: str, message: str, reason: str) -> None:
+        if self.evidence is not None:
+            self.evidence.add_event(self.info.event("connect", status=STATUS_FAILURE, status_detail=reason,
+                                                    sqlstate=code))
+        metrics.SESSIONS.labels("postgres", "backend_failed").inc()
+        await self.refuse(code, message)
+
+    # ------------------------------------------------------------------------------------------
+    async def run_authorized(self, backend: pg_backend.BackendConnection, grant: GrantClaims) -> None:
+        ctx = self.ctx
+        evidence = self.evidence
+        assert evidence is not None
+        self.cancel_key = ctx.registry.new_cancel_key(
+            CancelTarget(backend.host, backend.port, backend.pid, backend.secret))
+        greeting = b"".join([m.authentication(m.AUTH_OK), *backend.startup_frames,
+                             m.backend_key_data(*self.cancel_key), m.ready_for_query(backend.transaction_status)])
+        evidence.add_event(self.info.event("connect", details={"credential": self._credential_use,
+                                                               "client_tls": self.tls}))
+        evidence.record(FROM_SERVER, greeting)
+        self.writer.write(greeting)
+        self._outcome = "completed"
+        metrics.SESSIONS.labels("postgres", "opened").inc()
+
+        tracker = StatementTracker(self.statement_done, record_parameters=self.info.record_parameters)
+        self.relay = Relay(self, tracker, backend)
+        ctx.registry.add(self, grant.grant_id)
+        expiry = asyncio.get_running_loop().call_later(
+            max(0.0, grant.expires_at - time.time()), self.terminate, "57P01",
+            "terminating connection: the Proctor grant expired")
+        try:
+            if grant.grant_id in ctx.authority.revoked:
+                self.terminate("57P01", "terminating connection: the grant was revoked")
+            await self.relay.run(self.reader, self.writer)
+        finally:
+            expiry.cancel()
+            ctx.registry.remove(self, grant.grant_id)
+
+    def statement_done(self, statement: Statement) -> None:
+        self.info.statements += 1
+        if self.evidence is not None:
+            self.evidence.add_event(self.info.statement_event(statement))
+        status = "error" if statement.sqlstate else ("skipped" if statement.skipped else "ok")
+        metrics.STATEMENTS.labels("postgres", status).inc()
+
+    def terminate(self, code: str, message: str) -> None:
+        """End the session now with a FATAL error to the client (revocation, expiry, drain)."""
+        if self._terminated is not None:
+            return
+        self._terminated = (code, message)
+        if self.relay is not None:
+            self.relay.terminate(m.error_response(code, message, severity="FATAL"))
+
+    # ------------------------------------------------------------------------------------------
+    async def refuse(self, code: str, message: str, *, audit_reason: str | None = None) -> None:
+        """A FATAL error to the client, then close (best effort: the client may be gone)."""
+        payload = m.error_response(code, message, severity="FATAL")
+        if self.evidence is not None:
+            self.evidence.record(FROM_GATEWAY, payload)
+        with contextlib.suppress(Exception):
+            self.writer.write(payload)
+            await asyncio.wait_for(self.writer.drain(), 5)
+
+    def close(self, grant: GrantClaims | None) -> None:
+        if self.cancel_key is not None:
+            self.ctx.registry.drop_cancel_key(self.cancel_key)
+        with contextlib.suppress(Exception):
+            self.writer.close()
+        if self.relay is not None:
+            self.relay.close_backend()
+        evidence = self.evidence
+        if evidence is None:
+            return
+        ended = time.time()
+        if grant is not None and self._outcome == "completed":
+            details: dict[str, Any] = {"statements": self.info.statements, "bytes_in": self.info.bytes_in,
+                                       "bytes_out": self.info.bytes_out,
+                                       "duration_s": round(ended - self.info.started_at, 3)}
+            if self._terminated:
+                details["terminated"] = {"sqlstate": self._terminated[0], "message": self._terminated[1]}
+            evidence.add_event(self.info.event("disconnect", details=details, bytes=self.info.bytes_in +
+                                               self.info.bytes_out, status=STATUS_SUCCESS))
+            metrics.BYTES.labels("postgres", "in").inc(self.info.bytes_in)
+            metrics.BYTES.labels("postgres", "out").inc(self.info.bytes_out)
+        try:
+            evidence.close(self.info.summary(ended))
+        except OSError:
+            log.exception("could not close the spool of session %s", self.session_id)
+
+
+def _endpoint(credential: Credential) -> dict[str, Any]:
+    return {"backend_host": credential.host, "backend_port": credential.port, "backend_user": credential.username}
+
+
+class _Side(asyncio.Protocol):
+    """One end of the relay: what it reads goes to the Relay, which writes to the other end."""
+
+    def __init__(self, relay: Relay, from_client: bool) -> None:
+        self.relay = relay
+        self.from_client = from_client
+
+    def data_received(self, data: bytes) -> None:
+        if self.from_client:
+            self.relay.from_client(data)
+        else:
+            self.relay.from_server(data)
+
+    def eof_received(self) -> bool:
+        self.relay.finish()
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.relay.finish()
+
+    def pause_writing(self) -> None:
+        self.relay.pause_reading(from_client=not self.from_client)
+
+    def resume_writing(self) -> None:
+        self.relay.resume_reading(from_client=not self.from_client)
+
+
+class Relay:
+    def __init__(self, session: PostgresSession, tracker: StatementTracker,
+                 backend: pg_backend.BackendConnection) -> None:
+        self.session = session
+        self.tracker = tracker
+        self.backend = backend
+        self.evidence = session.evidence
+        self.max_len = session.ctx.config.max_message_bytes
+        self.client: asyncio.Transport | None = None
+        self.server: asyncio.Transport | None = None
+        self.client_tail = b""
+        self.server_tail = b""
+        self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.pending_terminate: bytes | None = None
+
+    async def run(self, client_reader: asyncio.StreamReader, client_writer: asyncio.StreamWriter) -> None:
+        self.client = client_writer.transport  # type: ignore[assignment]
+        self.server = self.backend.writer.transport  # type: ignore[assignment]
+        for transport in (self.client, self.server):
+            transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
+        # Bytes the stream readers already buffered belong to the relay now.
+        client_early = bytes(getattr(client_reader, "_buffer", b""))
+        server_early = bytes(getattr(self.backend.reader, "_buffer", b""))
+        self.client.set_protocol(_Side(self, from_client=True))
+        self.server.set_protocol(_Side(self, from_client=False))
+        if self.pending_terminate is not None:
+            self.terminate(self.pending_terminate)
+        if server_early:
+            self.from_server(server_early)
+        if client_early:
+            self.from_client(client_early)
+        for transport in (self.client, self.server):
+            if not transport.is_closing():
+                transport.resume_reading()
+        await self.done
+
+    # client → server ---------------------------------------------------------------------------
+    def from_client(self, data: bytes) -> None:
+        if self.done.done():
+            return
+        buf = self.client_tail + data if self.client_tail else data
+        try:
+            end, events, trailing = scan_frames(buf, 0, CLIENT_SKIP, self.max_len)
+        except FrameTooLarge as exc:
+            self.fail_protocol("54000", f"message of {exc.length} bytes exceeds the gateway's limit of "
+                                        f"{self.max_len} bytes")
+            return
+        except FrameError as exc:
+            self.fail_protocol("08P01", f"invalid message framing: {exc}")
+            return
+        if end == 0:
+            self.client_tail = buf
+            return
+        chunk = buf if end == len(buf) else buf[:end]
+        redact = False
+        tracker = self.tracker
+        try:
+            for msg_type, offset, size, _ in events:
+                if msg_type in CLIENT_DECODED:
+                    body = chunk[offset + 5:offset + size]
+                    if msg_type in (0x51, 0x50) and might_hold_secret(body):
+                        redact = True
+                    tracker.client_message(msg_type, body)
+        except m.ProtocolViolation as exc:
+            self.fail_protocol("08P01", f"protocol violation: {exc}")
+            return
+        if trailing or any(e[3] for e in events):
+            tracker.client_copy_bytes(end)
+        assert self.evidence is not None
+        if redact:
+            self.evidence.record(FROM_CLIENT, _redacted(chunk, events), WIRE_REDACTED)
+        else:
+            self.evidence.record(FROM_CLIENT, chunk)
+        self.session.info.bytes_in += end
+        assert self.server is not None
+        self.server.write(chunk)
+        self.client_tail = buf[end:] if end < len(buf) else b""
+
+    # server → client ---------------------------------------------------------------------------
+    def from_server(self, data: bytes) -> None:
+        if self.done.done():
+            return
+        buf = self.server_tail + data if self.server_tail else data
+        try:
+            end, events, trailing = scan_frames(buf, 0, SERVER_SKIP, self.max_len)
+        except FrameError as exc:
+            self.fail_protocol("08P01", f"the target sent an invalid message: {exc}")
+            return
+        if end == 0:
+            self.server_tail = buf
+            return
+        chunk = buf if end == len(buf) else buf[:end]
+        tracker = self.tracker
+        now = time.monotonic()
+        pos = 0
+        for msg_type, offset, size, skipped in events:
+            if skipped:
+                tracker.rows(skipped)
+            # Bytes up to and including this message belong to the statement it answers.
+            tracker.server_bytes(offset + size - pos)
+            pos = offset + size
+            if msg_type in SERVER_DECODED:
+                tracker.server_message(msg_type, chunk[offset + 5:offset + size], now)
+        if trailing:
+            tracker.rows(trailing)
+        if end > pos:
+            tracker.server_bytes(end - pos)
+        assert self.evidence is not None
+        self.evidence.record(FROM_SERVER, chunk)
+        self.session.info.bytes_out += end
+        assert self.client is not None
+        self.client.write(chunk)
+        self.server_tail = buf[end:] if end < len(buf) else b""
+
+    # control ------------------------------------------------------------------------------------
+    def pause_reading(self, from_client: bool) -> None:
+        transport = self.client if from_client else self.server
+        if transport is not None and not transport.is_closing():
+            transport.pause_reading()
+
+    def resume_reading(self, from_client: bool) -> None:
+        transport = self.client if from_client else self.server
+        if transport is not None and not transport.is_closing():
+            transport.resume_reading()
+
+    def fail_protocol(self, code: str, message: str) -> None:
+        metrics.ERRORS.labels("protocol").inc()
+        self.terminate(m.error_response(code, message, severity="FATAL"))
+
+    def terminate(self, payload: bytes) -> None:
+        if self.client is None:
+            self.pending_terminate = payload
+            return
+        if self.done.done():
+            return
+        if self.evidence is not None and not self.evidence.closed:
+            self.evidence.record(FROM_GATEWAY, payload)
+        with contextlib.suppress(Exception):
+            self.client.write(payload)
+        self.finish()
+
+    def close_backend(self) -> None:
+        if self.server is not None and not self.server.is_closing():
+            with contextlib.suppress(Exception):
+                self.server.write(m.terminate())
+            self.server.close()
+
+    def finish(self) -> None:
+        if self.done.done():
+            return
+        self.done.set_result(None)
+        self.close_backend()
+        if self.client is not None:
+            self.client.close()
+
+
+def _redacted(chunk: bytes, events: list[tuple[int, int, int, int]]) -> bytes:
+    """The chunk as recorded: Query/Parse texts with their secrets replaced."""
+    parts: list[bytes] = []
+    pos = 0
+    for msg_type, offset, size, _ in events:
+        if msg_type not in (0x51, 0x50):
+            continue
+        body = chunk[offset + 5:offset + size]
+        parts.append(chunk[pos:offset])
+        if msg_type == 0x51:
+            parts.append(m.query(redact_statement(m.parse_query(body))))
+        else:
+            parsed = m.parse_parse(body)
+            rebuilt = (m.cstring(parsed.statement) + m.cstring(redact_statement(parsed.query))
+                       + struct.pack("!h", len(parsed.param_types))
+                       + b"".join(struct.pack("!I", oid) for oid in parsed.param_types))
+            parts.append(m.frame(b"P", rebuilt))
+        pos = offset + size
+    parts.append(chunk[pos:])
+    return b"".join(parts)

@@ -1,0 +1,206 @@
+"""Statement bookkeeping for one PostgreSQL session: requests and responses in, Statement
+records out. Responses come back in request order, so a FIFO of request groups (a simple Query,
+or the extended-protocol messages up to a Sync) is enough to pair them, pipelines included."""
+
+from __future__ import annotations
+
+import struct
+import uuid
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from data_plane.core.redact import might_hold_secret, redact_statement
+from data_plane.core.session import Statement
+from data_plane.postgres import messages as m
+
+MAX_PARAMETER_CHARS = 1024
+
+
+@dataclass
+class _Group:
+    simple: bool
+    statements: list[Statement] = field(default_factory=list)
+    cursor: int = 0  # the statement the next response belongs to
+    parse_text: str | None = None  # the last Parse of the group, for an error before any Execute
+    failed: bool = False
+    described: list[str] = field(default_factory=list)  # statements whose ParameterDescription is due
+
+    def current(self) -> Statement | None:
+        return self.statements[self.cursor] if self.cursor < len(self.statements) else None
+
+
+def _statement_text(text: str) -> str:
+    return redact_statement(text) if might_hold_secret(text.encode()) else text
+
+
+_BINARY_DECODERS = {
+    16: lambda v: "true" if v == b"\x01" else "false",
+    20: lambda v: str(int.from_bytes(v, "big", signed=True)),
+    21: lambda v: str(int.from_bytes(v, "big", signed=True)),
+    23: lambda v: str(int.from_bytes(v, "big", signed=True)),
+    700: lambda v: repr(struct.unpack("!f", v)[0]),
+    701: lambda v: repr(struct.unpack("!d", v)[0]),
+    2950: lambda v: str(uuid.UUID(bytes=v)),
+    **dict.fromkeys((25, 1042, 1043, 19, 114), lambda v: v.decode("utf-8", errors="replace")),
+}
+
+
+def _parameter(value: bytes | None, fmt: int, type_oid: int) -> str | None:
+    """A bound parameter as text for the evidence: text-format values as sent, common binary
+    types decoded when the Parse named them, anything else as hex."""
+    if value is None:
+        return None
+    if fmt == 0:
+        text = value.decode("utf-8", errors="replace")
+    else:
+        try:
+            text = _BINARY_DECODERS[type_oid](value)
+        except (KeyError, ValueError, struct.error):
+            text = "\\x" + value.hex()
+    return text if len(text) <= MAX_PARAMETER_CHARS else text[:MAX_PARAMETER_CHARS] + "…"
+
+
+class StatementTracker:
+    def __init__(self, on_complete: Callable[[Statement], None], *, record_parameters: bool = True) -> None:
+        self.on_complete = on_complete
+        self.record_parameters = record_parameters
+        self.prepared: dict[str, m.Parse] = {}
+        self.portals: dict[str, tuple[str, m.Bind]] = {}
+        self.groups: deque[_Group] = deque()
+        self._open: _Group | None = None  # extended-protocol group awaiting its Sync
+        self._copy_in: Statement | None = None
+
+    # client → server -----------------------------------------------------------------------------
+    def _extended_group(self) -> _Group:
+        if self._open is None:
+            self._open = _Group(simple=False)
+            self.groups.append(self._open)
+        return self._open
+
+    def client_message(self, msg_type: int, body: bytes) -> None:
+        if msg_type == 0x51:  # Q
+            group = _Group(simple=True, statements=[Statement(_statement_text(m.parse_query(body)))])
+            self.groups.append(group)
+            self._copy_in = group.statements[0]
+        elif msg_type == 0x50:  # P
+            parsed = m.parse_parse(body)
+            self.prepared[parsed.statement] = parsed
+            self._extended_group().parse_text = parsed.query
+        elif msg_type == 0x42:  # B
+            bind = m.parse_bind(body)
+            self.portals[bind.portal] = (bind.statement, bind)
+            self._extended_group()
+        elif msg_type == 0x45:  # E
+            portal, _ = m.parse_execute(body)
+            statement_name, bind = self.portals.get(portal, ("", None))
+            parsed = self.prepared.get(statement_name)
+            text = parsed.query if parsed else "<unknown prepared statement>"
+            params = None
+            if self.record_parameters and bind is not None:
+                types = parsed.param_types if parsed else ()
+                params = [_parameter(v, bind.param_format(i), types[i] if i < len(types) else 0)
+                          for i, v in enumerate(bind.params)]
+            statement = Statement(_statement_text(text), parameters=params)
+            self._extended_group().statements.append(statement)
+            self._copy_in = statement
+        elif msg_type == 0x53:  # S
+            self._extended_group()
+            self._open = None
+        elif msg_type == 0x46:  # F
+            oid = m.parse_function_call(body)
+            self.groups.append(_Group(simple=True, statements=[Statement(f"<function call {oid}>", kind="function")]))
+        elif msg_type == 0x43:  # C (Close)
+            kind, name = m.parse_close_or_describe(body)
+            (self.prepared if kind == "S" else self.portals).pop(name, None)
+            self._extended_group()
+        elif msg_type == 0x44:  # D (Describe): its answer comes within the group
+            kind, name = m.parse_close_or_describe(body)
+            group = self._extended_group()
+            if kind == "S":
+                group.described.append(name)
+
+    def client_copy_bytes(self, count: int) -> None:
+        if self._copy_in is not None:
+            self._copy_in.bytes += count
+
+    # server → client -----------------------------------------------------------------------------
+    def _head(self) -> _Group | None:
+        return self.groups[0] if self.groups else None
+
+    def rows(self, count: int, byte_count: int = 0) -> None:
+        group = self._head()
+        statement = group.current() if group else None
+        if statement is not None:
+            statement.rows += count
+            statement.bytes += byte_count
+
+    def server_bytes(self, count: int) -> None:
+        group = self._head()
+        statement = group.current() if group else None
+        if statement is not None:
+            statement.bytes += count
+
+    def server_message(self, msg_type: int, body: bytes, now: float) -> None:
+        group = self._head()
+        if group is None:
+            return
+        statement = group.current()
+        if msg_type == 0x43:  # C CommandComplete
+            tag = m.parse_command_complete(body)
+            if statement is None:
+                return
+            counted = m.rows_from_tag(tag)
+            if group.simple:
+                statement.command_tag = tag if statement.command_tag is None else f"{statement.command_tag}; {tag}"
+                if counted is not None and not tag.startswith(("INSERT", "UPDATE", "DELETE", "MERGE")):
+                    statement.rows = max(statement.rows, counted)
+                elif counted is not None:
+                    statement.rows += counted
+            else:
+                statement.command_tag = tag
+                if counted is not None:
+                    statement.rows = counted if tag.split()[0] not in ("SELECT", "FETCH", "COPY") else max(
+                        statement.rows, counted)
+                self._finish_current(group, now)
+        elif msg_type in (0x49, 0x73):  # I EmptyQueryResponse, s PortalSuspended
+            if statement is not None and not group.simple:
+                statement.command_tag = "" if msg_type == 0x49 else "PORTAL SUSPENDED"
+                self._finish_current(group, now)
+            elif statement is not None and msg_type == 0x49:
+                statement.command_tag = statement.command_tag or ""
+        elif msg_type == 0x45:  # E ErrorResponse
+            fields = m.error_fields(body)
+            if statement is None and not group.simple and not group.failed:
+                # The error answers a Parse/Bind before any Execute of this group.
+                statement = Statement(_statement_text(group.parse_text or "<unknown>"), kind="parse")
+                group.statements.append(statement)
+            if statement is not None:
+                statement.sqlstate = fields.get("C")
+                statement.error = fields.get("M")
+                if not group.simple:
+                    self._finish_current(group, now)
+                    for later in group.statements[group.cursor:]:
+                        later.skipped = True
+                    group.failed = True
+        elif msg_type == 0x74:  # t ParameterDescription: the types a binary parameter decodes by
+            if group.described:
+                name = group.described.pop(0)
+                parsed = self.prepared.get(name)
+                if parsed is not None:
+                    self.prepared[name] = m.Parse(parsed.statement, parsed.query, m.parse_parameter_description(body))
+        elif msg_type == 0x5A:  # Z ReadyForQuery
+            self.groups.popleft()
+            for pending in group.statements[group.cursor:]:
+                if not group.simple and pending.finished_mono is None and pending.sqlstate is None:
+                    pending.skipped = pending.skipped or group.failed
+                pending.finished_mono = pending.finished_mono or now
+            for statement in group.statements:
+                self.on_complete(statement)
+            self._copy_in = None
+
+    def _finish_current(self, group: _Group, now: float) -> None:
+        statement = group.current()
+        if statement is not None:
+            statement.finished_mono = now
+            group.cursor += 1

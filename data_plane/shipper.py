@@ -1,0 +1,230 @@
+"""Moves evidence from the spool to S3: recording chunks to the recordings bucket, audit events
+and the per-session index row to the evidence bucket, every object with a SHA-256 checksum under
+the buckets' Object Lock retention. Runs as its own low-priority process beside the gateway (so
+compression never competes with the relay for the interpreter), and ships whatever a previous
+gateway left behind when it starts.
+
+Progress is written only after S3 accepted an object, and object keys are a function of the
+spool offset, so a retry after a crash rewrites the same keys: delivery is at least once."""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import logging
+import os
+import shutil
+import signal
+import threading
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from control_plane.contract import (
+    CLASS_DATASTORE_ACTIVITY,
+    SESSION_COLUMNS,
+    STATUS_FAILURE,
+    encode_jsonl_gz,
+    evidence_event,
+    put_evidence_object,
+    recording_chunk_key,
+    session_index_key,
+    write_event_batch,
+)
+from data_plane.core.recording import complete_prefix, genesis
+from data_plane.core.spool import read_json, write_json_atomic
+
+log = logging.getLogger("proctor.shipper")
+
+CHUNK_BYTES = 8 << 20
+MAX_READ = 64 << 20
+
+
+def _dt(ts: float) -> str:
+    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%d")
+
+
+def _iso(ts: float | None) -> str | None:
+    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds") if ts else None
+
+
+class Shipper:
+    def __init__(self, s3: Any, spool_root: Path, *, recordings_bucket: str, evidence_bucket: str, region: str,
+                 chunk_bytes: int = CHUNK_BYTES, max_delay: float = 5.0) -> None:
+        self.s3 = s3
+        self.root = spool_root
+        self.recordings_bucket = recordings_bucket
+        self.evidence_bucket = evidence_bucket
+        self.region = region
+        self.chunk_bytes = chunk_bytes
+        self.max_delay = max_delay
+
+    def current_instance(self) -> str | None:
+        doc = read_json(self.root / "instance")
+        return doc.get("instance_id") if doc else None
+
+    def ship_once(self, *, flush: bool = False) -> int:
+        """Ship what is ready; `flush` ships everything spooled. Returns objects written."""
+        written = 0
+        sessions = self.root / "sessions"
+        if not sessions.exists():
+            return 0
+        instance = self.current_instance()
+        for directory in sorted(sessions.iterdir()):
+            try:
+                written += self.ship_session(directory, instance, flush=flush)
+            except Exception:
+                log.exception("shipping %s failed; will retry", directory.name)
+        return written
+
+    def ship_session(self, directory: Path, instance: str | None, *, flush: bool = False) -> int:
+        meta = read_json(directory / "meta.json")
+        if meta is None:
+            return 0
+        session_id = meta["session_id"]
+        progress = read_json(directory / "shipped.json") or {
+            "recording_offset": 0, "chunk": 0, "events_offset": 0, "prev_hash": genesis(session_id).hex(),
+            "shipped_at": time.time()}
+        closed = (directory / "closed").exists()
+        orphaned = not closed and meta.get("instance_id") != instance
+        if orphaned:
+            self._close_orphan(directory, meta)
+            closed = True
+        written = 0
+        due = closed or flush or time.time() - float(progress["shipped_at"]) >= self.max_delay
+        written += self._ship_recording(directory, meta, progress, due)
+        written += self._ship_events(directory, session_id, progress, due)
+        if closed and self._fully_shipped(directory, progress):
+            self._ship_index(directory, meta, progress)
+            shutil.rmtree(directory, ignore_errors=True)
+            written += 1
+        return written
+
+    def _ship_recording(self, directory: Path, meta: dict[str, Any], progress: dict[str, Any], due: bool) -> int:
+        path = directory / "recording.bin"
+        written = 0
+        while True:
+            try:
+                size = path.stat().st_size
+            except FileNotFoundError:
+                return written
+            pending = size - int(progress["recording_offset"])
+            if pending <= 0 or (not due and pending < self.chunk_bytes):
+                return written
+            with open(path, "rb") as fh:
+                fh.seek(int(progress["recording_offset"]))
+                data = fh.read(min(pending, MAX_READ))
+            end = complete_prefix(data)
+            if end == 0:
+                return written
+            # Cut at whole records, and keep chunks near the target size.
+            cut = end
+            if end > self.chunk_bytes:
+                cut = complete_prefix(data[: self.chunk_bytes]) or end
+            chunk = data[:cut]
+            key = recording_chunk_key(_dt(float(meta["started_at"])), meta["session_id"], int(progress["chunk"]))
+            body = gzip.compress(chunk, compresslevel=6, mtime=0)
+            self.s3.put_object(Bucket=self.recordings_bucket, Key=key, Body=body, ChecksumAlgorithm="SHA256",
+                               ContentType="application/vnd.proctor.recording", ContentEncoding="gzip",
+                               Metadata={"session-id": meta["session_id"], "first-prev-hash": progress["prev_hash"],
+                                         "last-hash": chunk[-32:].hex()})
+            progress.update(recording_offset=int(progress["recording_offset"]) + cut, chunk=int(progress["chunk"]) + 1,
+                            prev_hash=chunk[-32:].hex(), shipped_at=time.time())
+            write_json_atomic(directory / "shipped.json", progress)
+            written += 1
+
+    def _ship_events(self, directory: Path, session_id: str, progress: dict[str, Any], due: bool) -> int:
+        path = directory / "events.jsonl"
+        try:
+            size = path.stat().st_size
+        except FileNotFoundError:
+            return 0
+        offset = int(progress["events_offset"])
+        if size <= offset:
+            return 0
+        with open(path, "rb") as fh:
+            fh.seek(offset)
+            data = fh.read(size - offset)
+        end = data.rfind(b"\n") + 1
+        if end == 0:
+            return 0
+        rows = [json.loads(line) for line in data[:end].splitlines() if line.strip()]
+        write_event_batch(self.s3, self.evidence_bucket, rows, batch_id=f"{session_id}-{offset:012d}")
+        progress.update(events_offset=offset + end, shipped_at=time.time())
+        write_json_atomic(directory / "shipped.json", progress)
+        return 1
+
+    def _fully_shipped(self, directory: Path, progress: dict[str, Any]) -> bool:
+        for name, key in (("recording.bin", "recording_offset"), ("events.jsonl", "events_offset")):
+            path = directory / name
+            if path.exists() and path.stat().st_size > int(progress[key]):
+                return False
+        return True
+
+    def _close_orphan(self, directory: Path, meta: dict[str, Any]) -> None:
+        """The gateway that owned this session is gone: say so in the evidence, then close it."""
+        row = evidence_event(CLASS_DATASTORE_ACTIVITY, "disconnect", status=STATUS_FAILURE,
+                             region=meta.get("region", self.region),
+                             status_detail="gateway terminated before the session ended",
+                             session_id=meta["session_id"], src_ip=meta.get("client_ip"))
+        with open(directory / "events.jsonl", "ab") as fh:
+            fh.write((json.dumps(row, sort_keys=True) + "\n").encode())
+            fh.flush()
+            os.fsync(fh.fileno())
+        if not (directory / "summary.json").exists():
+            write_json_atomic(directory / "summary.json", {"session_id": meta["session_id"], "ended_at": time.time(),
+                                                           "interrupted": True})
+        (directory / "closed").touch()
+
+    def _ship_index(self, directory: Path, meta: dict[str, Any], progress: dict[str, Any]) -> None:
+        summary = read_json(directory / "summary.json") or {}
+        started = float(meta["started_at"])
+        row: dict[str, Any] = dict.fromkeys(name for name, _ in SESSION_COLUMNS)
+        row.update({k: v for k, v in summary.items() if k in row})
+        row.update(
+            session_id=meta["session_id"], protocol=meta.get("protocol"), started_at=_iso(started),
+            ended_at=_iso(summary.get("ended_at")), chunks=int(progress["chunk"]), last_hash=progress["prev_hash"],
+            recording_prefix=f"s3://{self.recordings_bucket}/recordings/dt={_dt(started)}/{meta['session_id']}/",
+            gateway_region=meta.get("region", self.region), src_ip=summary.get("src_ip") or meta.get("client_ip"),
+        )
+        key = session_index_key(_dt(started), meta.get("region", self.region), meta["session_id"])
+        put_evidence_object(self.s3, self.evidence_bucket, key, encode_jsonl_gz([row]))
+
+
+def main(argv: list[str] | None = None) -> None:
+    import boto3
+
+    parser = argparse.ArgumentParser(prog="data_plane.shipper")
+    parser.add_argument("--spool", required=True)
+    parser.add_argument("--recordings-bucket", required=True)
+    parser.add_argument("--evidence-bucket", required=True)
+    parser.add_argument("--region", required=True)
+    parser.add_argument("--interval", type=float, default=2.0)
+    parser.add_argument("--nice", type=int, default=10)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s shipper %(levelname)s %(message)s")
+    if args.nice:
+        os.nice(args.nice)
+    shipper = Shipper(boto3.client("s3", region_name=args.region), Path(args.spool),
+                      recordings_bucket=args.recordings_bucket, evidence_bucket=args.evidence_bucket,
+                      region=args.region, max_delay=args.interval)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    backoff = args.interval
+    while not stop.is_set():
+        try:
+            shipper.ship_once()
+            backoff = args.interval
+        except Exception:
+            log.exception("shipping round failed")
+            backoff = min(backoff * 2, 60)
+        stop.wait(backoff)
+    # Final flush on the way out (the gateway has closed its sessions by now).
+    shipper.ship_once(flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,10 @@
+"""Declares the optional C accelerator only; all project metadata lives in pyproject.toml."""
+
+from setuptools import Extension, setup
+
+setup(
+    ext_modules=[
+        # optional: a failed compile (no gcc in the image) falls back to the pure-Python scanner
+        Extension("data_plane.postgres._framescan", ["data_plane/postgres/_framescan.c"], optional=True),
+    ]
+)
