@@ -43,7 +43,8 @@ def run_demo(*, state_dir: str | None = None, keep: bool = False) -> int:
           f"AWS (moto)     {state['aws_endpoint']}\n"
           f"PostgreSQL     {state['postgres']['host']}:{state['postgres']['port']} (SCRAM; password only in "
           f"Secrets Manager)")
-    steps: list[Callable[[dict[str, Any]], None]] = [_pipeline_grant, _forged_token_refused]
+    steps: list[Callable[[dict[str, Any]], None]] = [_pipeline_grant, _forged_token_refused, _psql_through_gateway,
+                                                     _evidence]
     try:
         for step in steps:
             step(state)
@@ -89,3 +90,57 @@ def _forged_token_refused(state: dict[str, Any]) -> None:
         _show(f"HTTP {exc.status}: {exc.detail}")
     else:
         raise RuntimeError("a forged token was accepted")
+
+
+def _psql_through_gateway(state: dict[str, Any]) -> None:
+    grant = state["_grant"]
+    conn = grant["connection"]
+    gateway = state["gateway"]
+    _step("5. The pipeline runs its statements with psql through the gateway (TLS verified; the grant is the "
+          "password; the gateway injects app_rw's real password)")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PG")} | {
+        "PGHOST": conn["host"], "PGPORT": str(conn["port"]), "PGUSER": conn["user"], "PGPASSWORD": grant["token"],
+        "PGDATABASE": conn["database"], "PGSSLMODE": "verify-full", "PGSSLROOTCERT": gateway["ca_file"]}
+    script = ("SELECT current_user AS backend_role, count(*) AS customers FROM customers;\n"
+              "INSERT INTO orders (customer_id, amount, status) VALUES (1, 99.50, 'deployed');\n"
+              "UPDATE orders SET status = 'shipped' WHERE id = 1;\n"
+              "SELECT 1/0;\n")
+    _show("$ eval \"$(proctor grant --target demo-pg --format env)\"   # PGHOST, PGPORT, PGUSER, PGPASSWORD, ...")
+    _show("$ psql <<'SQL'\n" + script + "SQL")
+    out = subprocess.run(["psql", "-X", "-e"], input=script, capture_output=True, text=True, env=env, check=False)
+    _show(out.stdout + out.stderr)
+
+
+def _evidence(state: dict[str, Any]) -> None:
+    _step("6. The auditor's view: every statement, tied to the pipeline run and who triggered it "
+          "(OCSF events in S3 under Object Lock, queried with Athena SQL — here on DuckDB)")
+    sql = ("SELECT time_iso, actor_subject, pipeline_repository AS repo, pipeline_run_id AS run, "
+           "pipeline_actor AS triggered_by, backend_user, statement, command_tag, rows, sqlstate "
+           "FROM proctor_evidence.events WHERE class_uid = 6005 AND activity_name = 'query' "
+           "AND pipeline_run_id = '42' ORDER BY session_id, seq")
+    _show(f'$ proctor evidence query "{sql}"')
+    result = _wait_for_rows(state, sql, at_least=4)
+    from proctor.evidence_query import format_result
+
+    _show(format_result(result, "table"))
+    _step("7. The session's recording, replayed from its hash-chained chunks")
+    session = _wait_for_rows(state, "SELECT session_id FROM sessions WHERE pipeline_run_id = '42'", at_least=1)
+    session_id = session.rows[0][0]
+    out = subprocess.run([sys.executable, "-m", "proctor.cli", "evidence", "replay", session_id], capture_output=True,
+                         text=True, env=os.environ | {"PROCTOR_STATE_DIR": state["_state_dir"]}, check=True)
+    _show(f"$ proctor evidence replay {session_id}\n" + out.stdout)
+
+
+def _wait_for_rows(state: dict[str, Any], sql: str, *, at_least: int, timeout: float = 30.0) -> Any:
+    """Evidence ships asynchronously (the spool first, then S3 within seconds)."""
+    import time
+
+    from proctor.dev.aws import client
+    from proctor.evidence_query import run_local_query
+
+    deadline = time.monotonic() + timeout
+    while True:
+        result = run_local_query(sql, client(state["aws_endpoint"], "s3"), bucket=state["evidence_bucket"])
+        if len(result.rows) >= at_least or time.monotonic() > deadline:
+            return result
+        time.sleep(0.5)

@@ -72,7 +72,9 @@ class Stack:
         return ssl.create_default_context(cafile=self.gateway["ca_file"])
 
     def backend_secret(self, role: str = "app_rw") -> dict[str, Any]:
-        value = self.client("secretsmanager").get_secret_value(SecretId=f"proctor/demo-pg/{role}")
+        # The stage named explicitly: moto's default lookup ignores stage moves (real AWS doesn't).
+        value = self.client("secretsmanager").get_secret_value(SecretId=f"proctor/demo-pg/{role}",
+                                                               VersionStage="AWSCURRENT")
         return json.loads(value["SecretString"])
 
     def query(self, sql: str) -> QueryResult:

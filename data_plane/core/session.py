@@ -87,7 +87,7 @@ class SessionInfo:
         )
 
     def statement_event(self, statement: Statement) -> dict[str, Any]:
-        failed = statement.sqlstate is not None or statement.skipped
+        failed = statement.sqlstate is not None or statement.skipped or statement.error is not None
         details: dict[str, Any] = {"protocol": self.protocol, "kind": statement.kind}
         if statement.parameters is not None:
             details["parameters"] = statement.parameters

@@ -287,6 +287,7 @@ class PostgresSession:
             self.writer.close()
         if self.relay is not None:
             self.relay.close_backend()
+            self.relay.tracker.abandon(time.monotonic())
         evidence = self.evidence
         if evidence is None:
             return

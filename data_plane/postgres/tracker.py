@@ -199,6 +199,17 @@ class StatementTracker:
                 self.on_complete(statement)
             self._copy_in = None
 
+    def abandon(self, now: float) -> None:
+        """The session ended with statements still in flight: they are evidence too."""
+        while self.groups:
+            group = self.groups.popleft()
+            for statement in group.statements[group.cursor:]:
+                if statement.sqlstate is None and not statement.skipped:
+                    statement.error = "the session ended before the statement completed"
+                statement.finished_mono = statement.finished_mono or now
+            for statement in group.statements[group.cursor:]:
+                self.on_complete(statement)
+
     def _finish_current(self, group: _Group, now: float) -> None:
         statement = group.current()
         if statement is not None:

@@ -1,0 +1,25 @@
+"""`make demo` runs `proctor demo`: the story must run end to end and say what it shows."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.integration
+
+
+def test_demo_runs_end_to_end_and_leaves_nothing_running(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PROCTOR_", "PG", "AWS_"))}
+    out = subprocess.run([sys.executable, "-m", "proctor.cli", "--state-dir", str(tmp_path), "demo"],
+                         capture_output=True, text=True, env=env, timeout=300, check=False)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    text = out.stdout
+    assert "HTTP 401: invalid token: signature invalid" in text
+    assert "app_rw       |         6" in text
+    assert "| acme/app | 42  | bob          | app_rw       | UPDATE orders SET status = 'shipped' WHERE id = 1;" in text
+    assert "hash chain verified" in text
+    assert not (tmp_path / "state.json").exists()
