@@ -33,6 +33,7 @@ lint: $(STAMP)
 # `cdk synth` through the CLI (the tests synthesize through the library and need no CLI).
 synth: $(STAMP)
 	test -x node_modules/.bin/cdk || npm install --no-save --no-audit --no-fund aws-cdk@2
+	test -d build/lambda-layer/python || PYTHON=$(BIN)/python bash scripts/build-lambda-layer.sh
 	PATH=$(CURDIR)/$(BIN):$$PATH node_modules/.bin/cdk synth --quiet
 
 bench: $(STAMP)

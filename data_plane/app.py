@@ -31,7 +31,7 @@ log = logging.getLogger("proctor.gateway")
 class Gateway:
     def __init__(self, config: GatewayConfig) -> None:
         self.config = config
-        client = ControlPlaneClient(config.api_url, region=config.region)
+        client = ControlPlaneClient(config.api_url, region=config.api_region or config.region)
         tls = server_tls_context(config.tls_cert, config.tls_key) if config.tls_cert and config.tls_key else None
         if tls is None and config.pg_require_tls:
             raise ValueError("TLS is required for clients but no certificate is configured (PROCTOR_TLS_CERT/KEY)")
@@ -100,7 +100,8 @@ class Gateway:
         self.shipper = subprocess.Popen(
             [sys.executable, "-m", "data_plane.shipper", "--spool", self.config.spool_dir,
              "--recordings-bucket", self.config.recordings_bucket, "--evidence-bucket", self.config.evidence_bucket,
-             "--region", self.config.region, "--interval", str(self.config.ship_interval_seconds)],
+             "--region", self.config.region, "--s3-region", self.config.evidence_region or self.config.region,
+             "--interval", str(self.config.ship_interval_seconds)],
             stdin=subprocess.DEVNULL,
         )
 

@@ -35,6 +35,8 @@ class GatewayConfig:
     backend_ca_file: str | None = None
     backend_connect_timeout: float = 10.0
     run_shipper: bool = True
+    api_region: str | None = None  # the control plane's region, when the gateway runs in another
+    evidence_region: str | None = None  # the evidence buckets' region, likewise
 
     @property
     def pg_address(self) -> tuple[str, int]:

@@ -200,14 +200,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--spool", required=True)
     parser.add_argument("--recordings-bucket", required=True)
     parser.add_argument("--evidence-bucket", required=True)
-    parser.add_argument("--region", required=True)
+    parser.add_argument("--region", required=True, help="the gateway's region (the events' partition)")
+    parser.add_argument("--s3-region", help="the buckets' region (default: --region)")
     parser.add_argument("--interval", type=float, default=2.0)
     parser.add_argument("--nice", type=int, default=10)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s shipper %(levelname)s %(message)s")
     if args.nice:
         os.nice(args.nice)
-    shipper = Shipper(boto3.client("s3", region_name=args.region), Path(args.spool),
+    shipper = Shipper(boto3.client("s3", region_name=args.s3_region or args.region), Path(args.spool),
                       recordings_bucket=args.recordings_bucket, evidence_bucket=args.evidence_bucket,
                       region=args.region, max_delay=args.interval)
     stop = threading.Event()

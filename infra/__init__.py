@@ -1,0 +1,1 @@
+"""Proctor's AWS CDK app: one Stack per deployable boundary, one Construct per concern."""

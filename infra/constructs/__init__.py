@@ -1,0 +1,1 @@
+"""Constructs, one concern each: evidence storage, the control-plane API, a regional gateway fleet."""

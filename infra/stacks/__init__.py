@@ -1,0 +1,1 @@
+"""Stacks, one per deployable boundary; they only wire constructs together."""

@@ -1,0 +1,528 @@
+"""The CDK app, synthesized once: the security properties that matter, and a cdk-nag clean bill.
+
+Synth runs through the library (no CDK CLI), offline, with the Lambda layer pointed at an empty
+directory; container and Lambda assets are only fingerprinted, never built.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import sqlglot
+from aws_cdk import App, Validations
+from aws_cdk.assertions import Match, Template
+from cdk_nag import AwsSolutionsChecks
+
+from control_plane.contract import EVENT_COLUMNS, PARTITION_COLUMNS, SESSION_COLUMNS
+from infra.app import ProctorStacks, build
+from infra.constructs.evidence_queries import NAMED_QUERIES
+from infra.settings import REPO_ROOT, ProctorSettings
+
+HOME_REGION = "us-east-1"
+
+
+@dataclass
+class Synthesized:
+    app: App
+    stacks: ProctorStacks
+    outdir: Path
+    error: Exception | None
+
+    def validation_report(self) -> dict[str, Any]:
+        path = self.outdir / "validation-report.json"
+        return json.loads(path.read_text()) if path.exists() else {"pluginReports": []}
+
+
+def _context(layer_dir: Path, **overrides: Any) -> dict[str, Any]:
+    context = json.loads((REPO_ROOT / "cdk.json").read_text())["context"]
+    return {**context, "proctor:lambdaLayerDir": str(layer_dir), "aws:cdk:bundling-stacks": [], **overrides}
+
+
+@pytest.fixture(scope="module")
+def synthesized(tmp_path_factory: pytest.TempPathFactory) -> Synthesized:
+    layer_dir = tmp_path_factory.mktemp("lambda-layer")
+    (layer_dir / "python").mkdir()
+    outdir = tmp_path_factory.mktemp("cdk.out")
+    app = App(context=_context(layer_dir), outdir=str(outdir))
+    stacks = build(app)
+    try:
+        app.synth()
+    except Exception as error:  # cdk-nag findings fail synth; test_cdk_nag_... reports them
+        return Synthesized(app, stacks, outdir, error)
+    return Synthesized(app, stacks, outdir, None)
+
+
+@pytest.fixture(scope="module")
+def evidence(synthesized: Synthesized) -> Template:
+    return Template.from_stack(synthesized.stacks.evidence)
+
+
+@pytest.fixture(scope="module")
+def control_plane(synthesized: Synthesized) -> Template:
+    return Template.from_stack(synthesized.stacks.control_plane)
+
+
+@pytest.fixture(scope="module")
+def gateway(synthesized: Synthesized) -> Template:
+    return Template.from_stack(synthesized.stacks.gateways[HOME_REGION])
+
+
+def _of_type(template: Template, resource_type: str) -> dict[str, dict[str, Any]]:
+    return template.find_resources(resource_type)
+
+
+def _worm_buckets(template: Template) -> dict[str, dict[str, Any]]:
+    return {
+        logical_id: bucket
+        for logical_id, bucket in _of_type(template, "AWS::S3::Bucket").items()
+        if bucket["Properties"].get("ObjectLockEnabled")
+    }
+
+
+def _statements(template: Template, role_logical_id: str) -> list[dict[str, Any]]:
+    statements: list[dict[str, Any]] = []
+    for policy in _of_type(template, "AWS::IAM::Policy").values():
+        if {"Ref": role_logical_id} in policy["Properties"]["Roles"]:
+            statements.extend(policy["Properties"]["PolicyDocument"]["Statement"])
+    return statements
+
+
+def _as_list(value: Any) -> list[Any]:
+    return value if isinstance(value, list) else [value]
+
+
+def _actions(statements: list[dict[str, Any]]) -> set[str]:
+    return {action for statement in statements for action in _as_list(statement["Action"])}
+
+
+def _role_of_function(template: Template, handler: str) -> str:
+    (function,) = [
+        f for f in _of_type(template, "AWS::Lambda::Function").values() if f["Properties"].get("Handler") == handler
+    ]
+    return function["Properties"]["Role"]["Fn::GetAtt"][0]
+
+
+def _flat(value: Any) -> str:
+    """An ARN expression as one string, intrinsic functions kept as JSON (enough to check suffixes)."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, dict) and "Fn::Join" in value:
+        delimiter, parts = value["Fn::Join"]
+        return delimiter.join(_flat(part) for part in parts)
+    return json.dumps(value, sort_keys=True)
+
+
+def _output_and_tail(arn: Any) -> tuple[str, str]:
+    """(stack output the ARN starts from, literal text after it) of an imported-resource ARN expression."""
+    parts = arn["Fn::Join"][1]
+    (output,) = [p["Fn::GetStackOutput"]["OutputName"] for p in parts if isinstance(p, dict)]
+    return output, parts[-1]
+
+
+# -- evidence ------------------------------------------------------------------------------------
+
+
+def test_recordings_and_evidence_buckets_lock_objects_in_compliance_mode_for_a_year(evidence: Template) -> None:
+    buckets = _worm_buckets(evidence)
+    assert len(buckets) == 2
+    for bucket in buckets.values():
+        assert bucket["Properties"]["ObjectLockConfiguration"] == {
+            "ObjectLockEnabled": "Enabled",
+            "Rule": {"DefaultRetention": {"Mode": "COMPLIANCE", "Days": 365}},
+        }
+        assert bucket["DeletionPolicy"] == "Retain"
+
+
+def test_evidence_buckets_encrypt_with_the_rotating_customer_managed_key(evidence: Template) -> None:
+    (key_id,) = _of_type(evidence, "AWS::KMS::Key")
+    evidence.has_resource_properties("AWS::KMS::Key", {"EnableKeyRotation": True})
+    for bucket in _worm_buckets(evidence).values():
+        (rule,) = bucket["Properties"]["BucketEncryption"]["ServerSideEncryptionConfiguration"]
+        assert rule["ServerSideEncryptionByDefault"]["SSEAlgorithm"] == "aws:kms"
+        assert rule["ServerSideEncryptionByDefault"]["KMSMasterKeyID"] == {"Fn::GetAtt": [key_id, "Arn"]}
+        assert rule["BucketKeyEnabled"] is True
+
+
+def test_every_bucket_is_versioned_private_and_tls_only(evidence: Template) -> None:
+    buckets = _of_type(evidence, "AWS::S3::Bucket")
+    assert len(buckets) == 4  # recordings, evidence, access logs, Athena results
+    policies = {
+        policy["Properties"]["Bucket"]["Ref"]: policy["Properties"]["PolicyDocument"]["Statement"]
+        for policy in _of_type(evidence, "AWS::S3::BucketPolicy").values()
+    }
+    for logical_id, bucket in buckets.items():
+        properties = bucket["Properties"]
+        assert properties["VersioningConfiguration"] == {"Status": "Enabled"}
+        assert properties["PublicAccessBlockConfiguration"] == {
+            "BlockPublicAcls": True,
+            "BlockPublicPolicy": True,
+            "IgnorePublicAcls": True,
+            "RestrictPublicBuckets": True,
+        }
+        deny_plaintext = [
+            s
+            for s in policies[logical_id]
+            if s["Effect"] == "Deny" and s.get("Condition") == {"Bool": {"aws:SecureTransport": "false"}}
+        ]
+        assert deny_plaintext, f"{logical_id} accepts plain HTTP"
+        assert deny_plaintext[0]["Action"] == "s3:*"
+
+
+def test_evidence_buckets_log_access_to_a_separate_sse_s3_bucket(evidence: Template) -> None:
+    worm = _worm_buckets(evidence)
+    targets = {b["Properties"]["LoggingConfiguration"]["DestinationBucketName"]["Ref"] for b in worm.values()}
+    (log_bucket_id,) = targets
+    assert log_bucket_id not in worm
+    log_bucket = _of_type(evidence, "AWS::S3::Bucket")[log_bucket_id]["Properties"]
+    (rule,) = log_bucket["BucketEncryption"]["ServerSideEncryptionConfiguration"]
+    assert rule["ServerSideEncryptionByDefault"] == {"SSEAlgorithm": "AES256"}
+
+
+@pytest.mark.parametrize(
+    ("table", "columns", "prefix"), [("events", EVENT_COLUMNS, "events"), ("sessions", SESSION_COLUMNS, "sessions")]
+)
+def test_glue_tables_follow_the_contract_and_project_partitions(
+    evidence: Template, table: str, columns: tuple[tuple[str, str], ...], prefix: str
+) -> None:
+    (glue_table,) = [
+        t["Properties"]["TableInput"]
+        for t in _of_type(evidence, "AWS::Glue::Table").values()
+        if t["Properties"]["TableInput"]["Name"] == table
+    ]
+    storage = glue_table["StorageDescriptor"]
+    assert [(c["Name"], c["Type"]) for c in storage["Columns"]] == list(columns)
+    assert [(c["Name"], c["Type"]) for c in glue_table["PartitionKeys"]] == list(PARTITION_COLUMNS)
+    assert glue_table["TableType"] == "EXTERNAL_TABLE"
+    assert storage["SerdeInfo"]["SerializationLibrary"] == "org.openx.data.jsonserde.JsonSerDe"
+    assert storage["InputFormat"] == "org.apache.hadoop.mapred.TextInputFormat"
+    parameters = glue_table["Parameters"]
+    assert {k: v for k, v in parameters.items() if k.startswith("projection.")} == {
+        "projection.enabled": "true",
+        "projection.dt.type": "date",
+        "projection.dt.format": "yyyy-MM-dd",
+        "projection.dt.range": "2024-01-01,NOW",
+        "projection.dt.interval": "1",
+        "projection.dt.interval.unit": "DAYS",
+        "projection.region.type": "enum",
+        "projection.region.values": HOME_REGION,
+    }
+    assert _flat(parameters["storage.location.template"]).endswith(f"/{prefix}/dt=${{dt}}/region=${{region}}/")
+    assert _flat(storage["Location"]).startswith("s3://")
+
+
+def test_athena_workgroup_enforces_encrypted_results(evidence: Template) -> None:
+    evidence.has_resource_properties(
+        "AWS::Athena::WorkGroup",
+        {
+            "WorkGroupConfiguration": Match.object_like(
+                {
+                    "EnforceWorkGroupConfiguration": True,
+                    "ResultConfiguration": {
+                        "OutputLocation": Match.any_value(),
+                        "EncryptionConfiguration": {"EncryptionOption": "SSE_KMS", "KmsKey": Match.any_value()},
+                    },
+                }
+            )
+        },
+    )
+
+
+def test_named_queries_are_valid_athena_sql_over_contract_columns(evidence: Template) -> None:
+    deployed = {
+        q["Properties"]["Name"]: q["Properties"] for q in _of_type(evidence, "AWS::Athena::NamedQuery").values()
+    }
+    assert {"statements-by-identity", "statements-by-pipeline-run", "sessions-per-target", "failed-logins"} <= set(
+        deployed
+    )
+    known = {name for name, _ in (*EVENT_COLUMNS, *SESSION_COLUMNS, *PARTITION_COLUMNS)}
+    for name, query in NAMED_QUERIES.items():
+        assert deployed[name]["QueryString"] == query.sql
+        assert deployed[name]["Database"] == "proctor_evidence"
+        tree = sqlglot.parse_one(query.sql, read="athena")
+        aliases = {alias.alias for alias in tree.find_all(sqlglot.exp.Alias)}
+        unknown = {column.name for column in tree.find_all(sqlglot.exp.Column)} - known - aliases
+        assert not unknown, f"{name} uses columns outside the contract: {unknown}"
+
+
+# -- control plane -------------------------------------------------------------------------------
+
+
+def test_control_plane_tables_are_recoverable_encrypted_and_protected(control_plane: Template) -> None:
+    tables = _of_type(control_plane, "AWS::DynamoDB::Table")
+    assert len(tables) == 2
+    for table in tables.values():
+        properties = table["Properties"]
+        assert properties["KeySchema"] == [
+            {"AttributeName": "pk", "KeyType": "HASH"},
+            {"AttributeName": "sk", "KeyType": "RANGE"},
+        ]
+        assert properties["BillingMode"] == "PAY_PER_REQUEST"
+        assert properties["PointInTimeRecoverySpecification"] == {"PointInTimeRecoveryEnabled": True}
+        assert properties["SSESpecification"]["SSEEnabled"] is True
+        assert properties["SSESpecification"]["SSEType"] == "KMS"
+        assert properties["DeletionProtectionEnabled"] is True
+        assert table["DeletionPolicy"] == "Retain"
+    ttl = [t["Properties"].get("TimeToLiveSpecification") for t in tables.values()]
+    assert {"AttributeName": "expires_at", "Enabled": True} in ttl
+
+
+def test_grants_are_signed_with_an_ecc_p256_kms_key_behind_a_fixed_alias(control_plane: Template) -> None:
+    control_plane.has_resource_properties("AWS::KMS::Key", {"KeySpec": "ECC_NIST_P256", "KeyUsage": "SIGN_VERIFY"})
+    control_plane.has_resource_properties("AWS::KMS::Alias", {"AliasName": "alias/proctor-grant-signing"})
+
+
+def test_only_the_gateway_function_reads_secrets_and_only_under_proctor_prefix(control_plane: Template) -> None:
+    api_statements = _statements(control_plane, _role_of_function(control_plane, "control_plane.api.lambda_handler"))
+    assert not [a for a in _actions(api_statements) if a.startswith("secretsmanager:")]
+    assert {"kms:Sign", "kms:GetPublicKey"} <= _actions(api_statements)
+
+    gateway_statements = _statements(
+        control_plane, _role_of_function(control_plane, "control_plane.gateway_api.lambda_handler")
+    )
+    secret_statements = [s for s in gateway_statements if "secretsmanager:GetSecretValue" in _as_list(s["Action"])]
+    assert [_as_list(s["Action"]) for s in secret_statements] == [["secretsmanager:GetSecretValue"]]
+    (resource,) = _as_list(secret_statements[0]["Resource"])
+    assert resource.endswith(f":{HOME_REGION}:123456789012:secret:proctor/*")
+    assert "kms:Sign" not in _actions(gateway_statements)
+
+
+def test_control_plane_functions_write_only_audit_events(control_plane: Template) -> None:
+    for handler in ("control_plane.api.lambda_handler", "control_plane.gateway_api.lambda_handler"):
+        statements = _statements(control_plane, _role_of_function(control_plane, handler))
+        s3_statements = [s for s in statements if any(a.startswith("s3:") for a in _as_list(s["Action"]))]
+        assert [s["Action"] for s in s3_statements] == ["s3:PutObject"]
+        objects = [_output_and_tail(r) for s in s3_statements for r in _as_list(s["Resource"])]
+        assert objects == [("EvidenceBucketArn", "/events/*")]
+
+
+def test_control_plane_functions_get_the_documented_environment(control_plane: Template) -> None:
+    functions = [f["Properties"] for f in _of_type(control_plane, "AWS::Lambda::Function").values()]
+    assert {f["Handler"] for f in functions} == {
+        "control_plane.api.lambda_handler",
+        "control_plane.gateway_api.lambda_handler",
+    }
+    for function in functions:
+        assert function["Runtime"] == "python3.12"
+        assert function["TracingConfig"] == {"Mode": "Active"}
+        environment = function["Environment"]["Variables"]
+        assert set(environment) == {
+            "PROCTOR_CONFIG_TABLE",
+            "PROCTOR_STATE_TABLE",
+            "PROCTOR_EVIDENCE_BUCKET",
+            "PROCTOR_GRANT_KEY_ID",
+            "PROCTOR_REGION",
+            "PROCTOR_ADMIN_GROUPS",
+            "PROCTOR_APPROVER_GROUPS",
+            "PROCTOR_GATEWAY_PRINCIPALS",
+            "POWERTOOLS_SERVICE_NAME",
+            "POWERTOOLS_METRICS_NAMESPACE",
+        }
+        assert environment["PROCTOR_ADMIN_GROUPS"] == "admins"
+        assert environment["PROCTOR_APPROVER_GROUPS"] == "approvers"
+        assert environment["POWERTOOLS_SERVICE_NAME"] == "proctor-control-plane"
+        assert environment["PROCTOR_GATEWAY_PRINCIPALS"] == (
+            f"arn:aws:iam::123456789012:role/proctor-gateway-task-{HOME_REGION}"
+        )
+
+
+def test_gateway_routes_require_sigv4_and_the_public_routes_do_not(control_plane: Template) -> None:
+    resources = {
+        logical_id: r["Properties"]["PathPart"]
+        for logical_id, r in _of_type(control_plane, "AWS::ApiGateway::Resource").items()
+    }
+    parents = {
+        logical_id: r["Properties"]["ParentId"]
+        for logical_id, r in _of_type(control_plane, "AWS::ApiGateway::Resource").items()
+    }
+
+    def path(logical_id: str) -> str:
+        parent = parents[logical_id]
+        prefix = path(parent["Ref"]) if isinstance(parent, dict) and "Ref" in parent else ""
+        return f"{prefix}/{resources[logical_id]}"
+
+    methods = {
+        (m["Properties"]["HttpMethod"], path(m["Properties"]["ResourceId"]["Ref"])): m["Properties"]
+        for m in _of_type(control_plane, "AWS::ApiGateway::Method").values()
+    }
+    assert set(methods) == {("ANY", "/v1/{proxy+}"), ("POST", "/v1/credentials"), ("ANY", "/v1/gateway/{proxy+}")}
+    assert methods[("POST", "/v1/credentials")]["AuthorizationType"] == "AWS_IAM"
+    assert methods[("ANY", "/v1/gateway/{proxy+}")]["AuthorizationType"] == "AWS_IAM"
+    assert methods[("ANY", "/v1/{proxy+}")]["AuthorizationType"] == "NONE"
+    assert all("RequestValidatorId" in m for m in methods.values())
+
+
+def test_api_stage_logs_traces_and_throttles(control_plane: Template) -> None:
+    control_plane.has_resource_properties(
+        "AWS::ApiGateway::Stage",
+        {
+            "StageName": "prod",
+            "TracingEnabled": True,
+            "AccessLogSetting": Match.object_like({"DestinationArn": Match.any_value()}),
+            "MethodSettings": [
+                Match.object_like(
+                    {
+                        "HttpMethod": "*",
+                        "ResourcePath": "/*",
+                        "LoggingLevel": "ERROR",
+                        "DataTraceEnabled": False,
+                        "ThrottlingRateLimit": Match.any_value(),
+                        "ThrottlingBurstLimit": Match.any_value(),
+                    }
+                )
+            ],
+        },
+    )
+    control_plane.resource_count_is("AWS::WAFv2::WebACLAssociation", 1)
+
+
+# -- gateway -------------------------------------------------------------------------------------
+
+
+def test_gateway_task_role_writes_only_recording_and_evidence_prefixes(gateway: Template) -> None:
+    (task_role_id,) = [
+        logical_id
+        for logical_id, role in _of_type(gateway, "AWS::IAM::Role").items()
+        if role["Properties"].get("RoleName") == f"proctor-gateway-task-{HOME_REGION}"
+    ]
+    statements = _statements(gateway, task_role_id)
+    s3_statements = [s for s in statements if any(a.startswith("s3:") for a in _as_list(s["Action"]))]
+    assert {a for s in s3_statements for a in _as_list(s["Action"])} == {"s3:PutObject", "s3:PutObjectRetention"}
+    objects = sorted(_output_and_tail(r) for s in s3_statements for r in _as_list(s["Resource"]))
+    assert objects == [
+        ("EvidenceBucketArn", "/events/*"),
+        ("EvidenceBucketArn", "/sessions/*"),
+        ("RecordingsBucketArn", "/recordings/*"),
+    ]
+
+    invoke = [s for s in statements if "execute-api:Invoke" in _as_list(s["Action"])]
+    routes = sorted(_output_and_tail(r) for s in invoke for r in _as_list(s["Resource"]))
+    assert routes == [("ApiId", "/prod/*/v1/gateway/*"), ("ApiId", "/prod/POST/v1/credentials")]
+    assert not [a for a in _actions(statements) if a.startswith("secretsmanager:") or a == "s3:GetObject"]
+
+
+def test_gateway_service_runs_two_tasks_across_zones_with_rollback(gateway: Template) -> None:
+    (service,) = _of_type(gateway, "AWS::ECS::Service").values()
+    properties = service["Properties"]
+    assert properties["DesiredCount"] >= 2
+    assert properties["DeploymentConfiguration"]["DeploymentCircuitBreaker"] == {"Enable": True, "Rollback": True}
+    assert properties["DeploymentConfiguration"]["MinimumHealthyPercent"] == 100
+    subnets = {s["Ref"] for s in properties["NetworkConfiguration"]["AwsvpcConfiguration"]["Subnets"]}
+    zones = {_of_type(gateway, "AWS::EC2::Subnet")[s]["Properties"]["AvailabilityZone"] for s in subnets}
+    assert len(zones) >= 2
+    gateway.has_resource_properties(
+        "AWS::ECS::Cluster", {"ClusterSettings": [{"Name": "containerInsights", "Value": "enabled"}]}
+    )
+
+
+def test_nlb_forwards_postgres_and_checks_readiness_on_the_admin_port(gateway: Template) -> None:
+    gateway.has_resource_properties("AWS::ElasticLoadBalancingV2::Listener", {"Port": 5432, "Protocol": "TCP"})
+    gateway.has_resource_properties(
+        "AWS::ElasticLoadBalancingV2::TargetGroup",
+        {
+            "Port": 5432,
+            "Protocol": "TCP",
+            "HealthCheckProtocol": "HTTP",
+            "HealthCheckPort": "9090",
+            "HealthCheckPath": "/readyz",
+            "TargetGroupAttributes": Match.array_with(
+                [{"Key": "deregistration_delay.timeout_seconds", "Value": "120"}]
+            ),
+        },
+    )
+    (listener,) = _of_type(gateway, "AWS::ElasticLoadBalancingV2::Listener").values()
+    assert listener["Properties"]["Port"] == 5432
+
+
+def test_gateway_container_gets_settings_as_env_and_tls_from_secrets_manager(gateway: Template) -> None:
+    (task,) = _of_type(gateway, "AWS::ECS::TaskDefinition").values()
+    (container,) = task["Properties"]["ContainerDefinitions"]
+    environment = {e["Name"]: e["Value"] for e in container["Environment"]}
+    assert {
+        "PROCTOR_API_URL",
+        "PROCTOR_REGION",
+        "PROCTOR_RECORDINGS_BUCKET",
+        "PROCTOR_EVIDENCE_BUCKET",
+    } <= set(environment)
+    assert environment["PROCTOR_SPOOL_DIR"] == "/var/spool/proctor"
+    assert environment["PROCTOR_PG_LISTEN"] == "0.0.0.0:5432"
+    assert environment["PROCTOR_ADMIN_LISTEN"] == "0.0.0.0:9090"
+    secrets = {s["Name"]: s["ValueFrom"] for s in container["Secrets"]}
+    assert set(secrets) == {"PROCTOR_TLS_CERT_PEM", "PROCTOR_TLS_KEY_PEM"}
+    assert all(":secret:proctor/gateway-tls:" in arn for arn in secrets.values())
+    assert container["StopTimeout"] == 120
+    assert container["ReadonlyRootFilesystem"] is True
+    assert {p["ContainerPort"] for p in container["PortMappings"]} == {5432, 9090}
+
+
+# -- assets and compliance -----------------------------------------------------------------------
+
+
+def _asset_dirs(synthesized: Synthesized) -> Iterator[Path]:
+    return (p for p in synthesized.outdir.iterdir() if p.name.startswith("asset.") and p.is_dir())
+
+
+def test_assets_carry_only_what_runs(synthesized: Synthesized) -> None:
+    contents = [sorted(p.name for p in asset.iterdir()) for asset in _asset_dirs(synthesized)]
+    assert ["control_plane"] in contents  # the Lambda code: the control_plane package alone
+    (image,) = [c for c in contents if "Dockerfile" in c]
+    assert not {".venv", "node_modules", "cdk.out", ".git", "build", "tests", "infra"} & set(image)
+
+
+def test_synth_needs_no_lookups(synthesized: Synthesized) -> None:
+    manifest = json.loads((synthesized.outdir / "manifest.json").read_text())
+    assert not manifest.get("missing"), "the CLI would need AWS credentials for these context lookups"
+
+
+def test_cdk_nag_reports_no_unacknowledged_findings(synthesized: Synthesized) -> None:
+    report = synthesized.validation_report()
+    violations = [
+        (plugin["pluginName"], v["ruleName"], [c.get("constructPath") for c in v["violatingConstructs"]])
+        for plugin in report["pluginReports"]
+        for v in plugin.get("violations", [])
+    ]
+    assert synthesized.error is None, f"synth failed: {synthesized.error}\n{violations}"
+    assert not [v for v in violations if v[0] == "AwsSolutions"]
+    direct = AwsSolutionsChecks().validate_scope(synthesized.app)
+    assert direct.success, [v.rule_name for v in direct.violations]
+
+
+def test_every_acknowledged_finding_says_why(synthesized: Synthesized) -> None:
+    acknowledgments = {
+        (construct.node.path, rule): reason
+        for construct in synthesized.app.node.find_all()
+        for entry in construct.node.metadata
+        if entry.type == Validations.ACKNOWLEDGED_RULES_METADATA_KEY
+        for rule, reason in entry.data.items()
+    }
+    ours = {key: reason for key, reason in acknowledgments.items() if "AwsSolutions-" in key[1]}
+    assert ours, "no cdk-nag acknowledgments found: is the pack wired?"
+    for (path, rule), reason in acknowledgments.items():
+        assert reason.strip(), f"{rule} on {path} has no reason"
+    for (path, rule), reason in ours.items():
+        assert len(reason.split()) >= 8, f"{rule} on {path}: reason too thin: {reason!r}"
+
+
+# -- context -------------------------------------------------------------------------------------
+
+
+def test_a_missing_lambda_layer_fails_synth_with_the_fix(tmp_path: Path) -> None:
+    app = App(context=_context(tmp_path / "not-built"), outdir=str(tmp_path / "out"))
+    with pytest.raises(FileNotFoundError, match=r"build-lambda-layer\.sh"):
+        build(app)
+
+
+def test_context_lists_accept_cli_strings_and_json_lists() -> None:
+    from_cli = ProctorSettings.from_context(App(context={"proctor:gatewayRegions": "us-east-1, eu-west-1"}).node)
+    from_json = ProctorSettings.from_context(App(context={"proctor:gatewayRegions": ["us-east-1", "eu-west-1"]}).node)
+    assert from_cli.gateway_regions == from_json.gateway_regions == ("us-east-1", "eu-west-1")
+    defaults = ProctorSettings.from_context(App().node)
+    assert (defaults.account, defaults.region, defaults.gateway_regions) == (
+        "123456789012",
+        "us-east-1",
+        ("us-east-1",),
+    )
