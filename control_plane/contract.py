@@ -7,6 +7,7 @@ plane depends on this module only.
 from __future__ import annotations
 
 import gzip
+import hashlib
 import json
 import time
 import uuid
@@ -228,8 +229,100 @@ SESSIONS_PREFIX = "sessions"
 RECORDINGS_PREFIX = "recordings"
 
 
+_COLUMN_SET = frozenset(EVENT_COLUMN_NAMES)
+
+
 def new_event_id() -> str:
     return uuid.uuid4().hex
+
+
+def _identity_fields(identity: Identity) -> dict[str, Any]:
+    return {
+        "actor_subject": identity.subject,
+        "actor_issuer": identity.issuer,
+        "actor_kind": identity.kind,
+        "actor_groups": list(identity.groups),
+        "actor_pipeline": json.dumps(dict(identity.pipeline), sort_keys=True) if identity.pipeline else None,
+        "pipeline_repository": identity.pipeline.get("repository"),
+        "pipeline_run_id": identity.pipeline.get("run_id"),
+        "pipeline_actor": identity.pipeline.get("actor"),
+    }
+
+
+def _check_fields(fields: Mapping[str, Any]) -> None:
+    if not _COLUMN_SET.issuperset(fields):
+        raise ValueError(f"unknown evidence fields: {sorted(set(fields) - _COLUMN_SET)}")
+
+
+class EventTemplate:
+    """What a series of events shares (class, identity, region, session, target…), built once so
+    that each event of a busy session costs a small dict: a gateway spools `compact` rows (only
+    what varies) next to the template's `to_doc()`, and the shipper `expand`s them into full rows."""
+
+    __slots__ = ("_activities", "_base", "_class_name", "_class_uid")
+
+    def __init__(self, event_class: tuple[int, str], *, identity: Identity | None = None, region: str = "",
+                 **fields: Any) -> None:
+        class_uid, class_name = event_class
+        _check_fields(fields)
+        base: dict[str, Any] = dict.fromkeys(EVENT_COLUMN_NAMES)
+        base.update(class_uid=class_uid, class_name=class_name, product_version=PRODUCT_VERSION,
+                    gateway_region=region, actor_groups=[])
+        if identity is not None:
+            base.update(_identity_fields(identity))
+        base.update(fields)
+        self._base = base
+        self._class_uid = class_uid
+        self._class_name = class_name
+        self._activities = ACTIVITIES[class_uid]
+
+    def to_doc(self) -> dict[str, Any]:
+        return {"class": [self._class_uid, self._class_name], "base": self._base}
+
+    @classmethod
+    def from_doc(cls, doc: Mapping[str, Any]) -> EventTemplate:
+        template = cls((int(doc["class"][0]), str(doc["class"][1])))
+        template._base.update({k: v for k, v in doc["base"].items() if k in _COLUMN_SET})
+        return template
+
+    def compact(self, activity: str, *, status: str = STATUS_SUCCESS, now: float | None = None,
+                details: Mapping[str, Any] | None = None, **fields: Any) -> dict[str, Any]:
+        """Only what varies per event; `expand` turns it into the full row."""
+        _check_fields(fields)
+        fields["activity_name"] = activity
+        fields["status"] = status
+        fields["time"] = int((time.time() if now is None else now) * 1000)
+        if details:
+            fields["details"] = details
+        return fields
+
+    def expand(self, compact: Mapping[str, Any], event_id: str) -> dict[str, Any]:
+        row = self._base.copy()
+        row.update(compact)
+        activity_id = self._activities.get(row["activity_name"], 99)
+        details = row.get("details")
+        row.update(
+            event_id=event_id,
+            time_iso=datetime.fromtimestamp(row["time"] / 1000, UTC).isoformat(timespec="milliseconds"),
+            activity_id=activity_id,
+            type_uid=self._class_uid * 100 + activity_id,
+            severity_id=1 if row["status"] == STATUS_SUCCESS else 3,
+            details=details if details is None or isinstance(details, str) else json.dumps(
+                details, sort_keys=True, default=str),
+        )
+        return row
+
+    def row(self, activity: str, *, status: str = STATUS_SUCCESS, now: float | None = None,
+            details: Mapping[str, Any] | None = None, **fields: Any) -> dict[str, Any]:
+        """One evidence row. Unknown field names are a programming error."""
+        return self.expand(self.compact(activity, status=status, now=now, details=details, **fields),
+                           new_event_id())
+
+
+def session_event_id(session_id: str, seq: int) -> str:
+    """Event ids of session events are a function of (session, sequence): a re-shipped event keeps
+    its id, so de-duplication by event_id is exact."""
+    return hashlib.blake2b(f"{session_id}:{seq}".encode(), digest_size=16).hexdigest()
 
 
 def evidence_event(
@@ -243,44 +336,9 @@ def evidence_event(
     details: Mapping[str, Any] | None = None,
     **fields: Any,
 ) -> dict[str, Any]:
-    """Build one evidence row. Unknown field names are a programming error."""
-    class_uid, class_name = event_class
-    activity_id = ACTIVITIES[class_uid].get(activity, 99)
-    ts = time.time() if now is None else now
-    row: dict[str, Any] = dict.fromkeys(EVENT_COLUMN_NAMES)
-    row.update(
-        event_id=new_event_id(),
-        time=int(ts * 1000),
-        time_iso=datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds"),
-        class_uid=class_uid,
-        class_name=class_name,
-        activity_id=activity_id,
-        activity_name=activity,
-        type_uid=class_uid * 100 + activity_id,
-        status=status,
-        severity_id=1 if status == STATUS_SUCCESS else 3,
-        product_version=PRODUCT_VERSION,
-        gateway_region=region,
-        actor_groups=[],
-    )
-    if identity is not None:
-        row.update(
-            actor_subject=identity.subject,
-            actor_issuer=identity.issuer,
-            actor_kind=identity.kind,
-            actor_groups=list(identity.groups),
-            actor_pipeline=json.dumps(dict(identity.pipeline), sort_keys=True) if identity.pipeline else None,
-            pipeline_repository=identity.pipeline.get("repository"),
-            pipeline_run_id=identity.pipeline.get("run_id"),
-            pipeline_actor=identity.pipeline.get("actor"),
-        )
-    unknown = set(fields) - set(EVENT_COLUMN_NAMES)
-    if unknown:
-        raise ValueError(f"unknown evidence fields: {sorted(unknown)}")
-    row.update(fields)
-    if details:
-        row["details"] = json.dumps(details, sort_keys=True, default=str)
-    return row
+    """Build one evidence row (fields given here override the identity's)."""
+    return EventTemplate(event_class, identity=identity, region=region).row(
+        activity, status=status, now=now, details=details, **fields)
 
 
 def event_partition(row: Mapping[str, Any]) -> tuple[str, str]:

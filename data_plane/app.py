@@ -168,7 +168,12 @@ def run(config: GatewayConfig) -> None:
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     gateway = Gateway(config)
     try:
-        asyncio.run(gateway.serve_forever())
+        if config.event_loop == "uvloop":
+            import uvloop
+
+            uvloop.run(gateway.serve_forever())
+        else:
+            asyncio.run(gateway.serve_forever())
     finally:
         with contextlib.suppress(Exception):
             gateway.stop_shipper()

@@ -9,10 +9,23 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
+_TRUE = ("1", "true", "yes", "on")
+_FALSE = ("0", "false", "no", "off")
+
 
 def _host_port(value: str) -> tuple[str, int]:
     host, _, port = value.rpartition(":")
-    return host or "0.0.0.0", int(port)
+    return host.removeprefix("[").removesuffix("]") or "0.0.0.0", int(port)
+
+
+def _boolean(name: str, raw: str) -> bool:
+    """Strict: a typo must not silently turn a safety switch (TLS required) off."""
+    value = raw.strip().lower()
+    if value in _TRUE:
+        return True
+    if value in _FALSE:
+        return False
+    raise ValueError(f"PROCTOR_{name.upper()} must be one of {'/'.join(_TRUE + _FALSE)}, not {raw!r}")
 
 
 @dataclass(frozen=True)
@@ -35,6 +48,7 @@ class GatewayConfig:
     backend_ca_file: str | None = None
     backend_connect_timeout: float = 10.0
     run_shipper: bool = True
+    event_loop: str = "uvloop"  # or "asyncio"
     api_region: str | None = None  # the control plane's region, when the gateway runs in another
     evidence_region: str | None = None  # the evidence buckets' region, likewise
 
@@ -55,7 +69,7 @@ class GatewayConfig:
             if raw is None:
                 continue
             if f.type in ("bool", bool):
-                values[f.name] = raw.strip().lower() in ("1", "true", "yes", "on")
+                values[f.name] = _boolean(f.name, raw)
             elif f.type in ("int", int):
                 values[f.name] = int(raw)
             elif f.type in ("float", float):

@@ -15,3 +15,8 @@ BYTES = Counter("proctor_bytes_total", "Bytes relayed by direction", ["protocol"
 ERRORS = Counter("proctor_errors_total", "Errors by kind", ["kind"], registry=REGISTRY)
 SPOOL_BACKLOG = Gauge("proctor_spool_backlog_bytes", "Evidence bytes spooled but not yet shipped", registry=REGISTRY)
 SHIPPING_LAG = Gauge("proctor_shipping_lag_seconds", "Age of the oldest unshipped evidence", registry=REGISTRY)
+
+# Children bound once: looking labels up per statement costs more than counting.
+STATEMENTS_OK = STATEMENTS.labels("postgres", "ok")
+STATEMENTS_ERROR = STATEMENTS.labels("postgres", "error")
+STATEMENTS_SKIPPED = STATEMENTS.labels("postgres", "skipped")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import gzip
+import hashlib
 import json
 import logging
 import os
@@ -22,18 +23,22 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import orjson
+
 from control_plane.contract import (
     CLASS_DATASTORE_ACTIVITY,
     SESSION_COLUMNS,
     STATUS_FAILURE,
+    EventTemplate,
     encode_jsonl_gz,
     evidence_event,
     put_evidence_object,
     recording_chunk_key,
+    session_event_id,
     session_index_key,
     write_event_batch,
 )
-from data_plane.core.recording import complete_prefix, genesis
+from data_plane.core.recording import complete_prefix, first_record_size, genesis
 from data_plane.core.spool import read_json, write_json_atomic
 
 log = logging.getLogger("proctor.shipper")
@@ -66,41 +71,69 @@ class Shipper:
         return doc.get("instance_id") if doc else None
 
     def ship_once(self, *, flush: bool = False) -> int:
-        """Ship what is ready; `flush` ships everything spooled. Returns objects written."""
-        written = 0
+        """Ship what is ready; `flush` ships everything spooled. Returns objects written.
+
+        Events of every session go out together, one object per partition and round, so a busy
+        gateway costs a few PUTs a round rather than one per session."""
         sessions = self.root / "sessions"
         if not sessions.exists():
             return 0
         instance = self.current_instance()
+        written = 0
+        batch: list[tuple[Path, dict[str, Any], int, list[dict[str, Any]]]] = []
+        states: list[tuple[Path, dict[str, Any], dict[str, Any], bool]] = []
         for directory in sorted(sessions.iterdir()):
             try:
-                written += self.ship_session(directory, instance, flush=flush)
+                state = self._open_session(directory, instance)
+                if state is None:
+                    continue
+                meta, progress, closed = state
+                due = closed or flush or time.time() - float(progress["shipped_at"]) >= self.max_delay
+                written += self._ship_recording(directory, meta, progress, due)
+                end, rows = self._read_events(directory, meta["session_id"], progress)
+                if rows or end:
+                    batch.append((directory, progress, end, rows))
+                states.append((directory, meta, progress, closed))
             except Exception:
                 log.exception("shipping %s failed; will retry", directory.name)
+        rows = [row for *_, part in batch for row in part]
+        if rows:
+            # Named by where each session's slice starts: a retry after a lost progress write lands on
+            # the same keys instead of adding copies.
+            starts = "|".join(f"{d.name}:{p['events_offset']}" for d, p, _, part in batch if part)
+            first = datetime.fromtimestamp(min(row["time"] for row in rows) / 1000, UTC)
+            batch_id = f"{first:%Y%m%dT%H%M%S%f}Z-" + hashlib.blake2b(starts.encode(), digest_size=6).hexdigest()
+            write_event_batch(self.s3, self.evidence_bucket, rows, batch_id=batch_id)
+            written += len({(row["time"] // 86_400_000, row.get("gateway_region")) for row in rows})
+        for directory, progress, end, _ in batch:
+            progress.update(events_offset=int(progress["events_offset"]) + end, shipped_at=time.time())
+            write_json_atomic(directory / "shipped.json", progress)
+        for directory, meta, progress, closed in states:
+            if not closed:
+                continue
+            try:
+                self._note_torn_tails(directory, progress)
+                if self._fully_shipped(directory, progress):
+                    self._ship_index(directory, meta, progress)
+                    shutil.rmtree(directory, ignore_errors=True)
+                    written += 1
+            except Exception:
+                log.exception("finishing %s failed; will retry", directory.name)
         return written
 
-    def ship_session(self, directory: Path, instance: str | None, *, flush: bool = False) -> int:
+    def _open_session(self, directory: Path, instance: str | None,
+                      ) -> tuple[dict[str, Any], dict[str, Any], bool] | None:
         meta = read_json(directory / "meta.json")
         if meta is None:
-            return 0
-        session_id = meta["session_id"]
+            return None
         progress = read_json(directory / "shipped.json") or {
-            "recording_offset": 0, "chunk": 0, "events_offset": 0, "prev_hash": genesis(session_id).hex(),
+            "recording_offset": 0, "chunk": 0, "events_offset": 0, "prev_hash": genesis(meta["session_id"]).hex(),
             "shipped_at": time.time()}
         closed = (directory / "closed").exists()
-        orphaned = not closed and meta.get("instance_id") != instance
-        if orphaned:
+        if not closed and meta.get("instance_id") != instance:
             self._close_orphan(directory, meta)
             closed = True
-        written = 0
-        due = closed or flush or time.time() - float(progress["shipped_at"]) >= self.max_delay
-        written += self._ship_recording(directory, meta, progress, due)
-        written += self._ship_events(directory, session_id, progress, due)
-        if closed and self._fully_shipped(directory, progress):
-            self._ship_index(directory, meta, progress)
-            shutil.rmtree(directory, ignore_errors=True)
-            written += 1
-        return written
+        return meta, progress, closed
 
     def _ship_recording(self, directory: Path, meta: dict[str, Any], progress: dict[str, Any], due: bool) -> int:
         path = directory / "recording.bin"
@@ -122,7 +155,8 @@ class Shipper:
             # Cut at whole records, and keep chunks near the target size.
             cut = end
             if end > self.chunk_bytes:
-                cut = complete_prefix(data[: self.chunk_bytes]) or end
+                # Whole records up to the target size; a single larger record goes alone.
+                cut = complete_prefix(data[: self.chunk_bytes]) or complete_prefix(data[: first_record_size(data)])
             chunk = data[:cut]
             key = recording_chunk_key(_dt(float(meta["started_at"])), meta["session_id"], int(progress["chunk"]))
             body = gzip.compress(chunk, compresslevel=6, mtime=0)
@@ -135,31 +169,69 @@ class Shipper:
             write_json_atomic(directory / "shipped.json", progress)
             written += 1
 
-    def _ship_events(self, directory: Path, session_id: str, progress: dict[str, Any], due: bool) -> int:
+    def _read_events(self, directory: Path, session_id: str, progress: dict[str, Any],
+                     ) -> tuple[int, list[dict[str, Any]]]:
+        """(bytes consumed, full rows) of the complete event lines not shipped yet."""
         path = directory / "events.jsonl"
         try:
             size = path.stat().st_size
         except FileNotFoundError:
-            return 0
+            return 0, []
         offset = int(progress["events_offset"])
         if size <= offset:
-            return 0
+            return 0, []
         with open(path, "rb") as fh:
             fh.seek(offset)
             data = fh.read(size - offset)
         end = data.rfind(b"\n") + 1
         if end == 0:
-            return 0
-        rows = [json.loads(line) for line in data[:end].splitlines() if line.strip()]
-        write_event_batch(self.s3, self.evidence_bucket, rows, batch_id=f"{session_id}-{offset:012d}")
-        progress.update(events_offset=offset + end, shipped_at=time.time())
-        write_json_atomic(directory / "shipped.json", progress)
-        return 1
+            return 0, []
+        templates: dict[int, EventTemplate] = {}
+        rows = []
+        for line in data[:end].splitlines():
+            try:
+                row = orjson.loads(line)
+            except orjson.JSONDecodeError:
+                # A line torn by a crash cannot be shipped; keep its bytes out of the way of the rest.
+                log.error("skipping an unreadable event line in %s (%d bytes)", session_id, len(line))
+                continue
+            if "class_uid" not in row:  # a compact row: expand it with the session's template
+                version = int(row.pop("tv"))
+                if version not in templates:
+                    doc = read_json(directory / f"template-{version}.json")
+                    if doc is None:
+                        raise FileNotFoundError(f"{session_id}: event template {version} missing")
+                    templates[version] = EventTemplate.from_doc(doc)
+                row = templates[version].expand(row, session_event_id(session_id, int(row["seq"])))
+            rows.append(row)
+        return end, rows
+
+    def _note_torn_tails(self, directory: Path, progress: dict[str, Any]) -> None:
+        """A closed session's files may end in a partial record or line (disk full, machine crash):
+        nothing more will complete them, so they are counted as torn rather than waited for."""
+        torn = {}
+        recording = directory / "recording.bin"
+        if recording.exists():
+            with open(recording, "rb") as fh:
+                fh.seek(int(progress["recording_offset"]))
+                rest = fh.read()
+            if rest and complete_prefix(rest) == 0:
+                torn["recording_torn_bytes"] = len(rest)
+        events = directory / "events.jsonl"
+        if events.exists():
+            rest = events.read_bytes()[int(progress["events_offset"]):]
+            if rest and b"\n" not in rest:
+                torn["events_torn_bytes"] = len(rest)
+        if torn and any(progress.get(k) != v for k, v in torn.items()):
+            log.error("session %s ends with torn evidence: %s", directory.name, torn)
+            progress.update(torn)
+            write_json_atomic(directory / "shipped.json", progress)
 
     def _fully_shipped(self, directory: Path, progress: dict[str, Any]) -> bool:
-        for name, key in (("recording.bin", "recording_offset"), ("events.jsonl", "events_offset")):
+        for name, key, torn in (("recording.bin", "recording_offset", "recording_torn_bytes"),
+                                ("events.jsonl", "events_offset", "events_torn_bytes")):
             path = directory / name
-            if path.exists() and path.stat().st_size > int(progress[key]):
+            if path.exists() and path.stat().st_size > int(progress[key]) + int(progress.get(torn, 0)):
                 return False
         return True
 
@@ -170,6 +242,9 @@ class Shipper:
                              status_detail="gateway terminated before the session ended",
                              session_id=meta["session_id"], src_ip=meta.get("client_ip"))
         with open(directory / "events.jsonl", "ab") as fh:
+            # The dead gateway may have left half a line: end it, so the disconnect row stands alone.
+            if fh.tell() and not (directory / "events.jsonl").read_bytes().endswith(b"\n"):
+                fh.write(b"\n")
             fh.write((json.dumps(row, sort_keys=True) + "\n").encode())
             fh.flush()
             os.fsync(fh.fileno())

@@ -46,10 +46,19 @@ def proctor_cli(stack: Stack, *args: str) -> str:
     return out.stdout
 
 
-def events_for_run(stack: Stack, run_id: str, *, at_least: int, activity: str = "query") -> list[dict]:
+def events_for_run(stack: Stack, run_id: str, *, at_least: int, activity: str = "query",
+                   containing: tuple[str, ...] = ()) -> list[dict]:
+    """The run's events once at least `at_least` arrived, and every statement in `containing`
+    (evidence ships in rounds: a session's rows may arrive in more than one)."""
     sql = (f"SELECT * FROM events WHERE pipeline_run_id = '{run_id}' AND class_uid = 6005 "
            f"AND activity_name = '{activity}' ORDER BY session_id, seq")
-    result = stack.wait_for(sql, lambda r: len(r.rows) >= at_least)
+
+    def complete(result) -> bool:
+        statements = {row[result.columns.index("statement")] for row in result.rows}
+        return len(result.rows) >= at_least and all(
+            any(needle in (text or "") for text in statements) for needle in containing)
+
+    result = stack.wait_for(sql, complete)
     return [dict(zip(result.columns, row, strict=True)) for row in result.rows]
 
 
@@ -111,7 +120,7 @@ def test_asyncpg_binary_results_match_a_direct_connection(stack: Stack) -> None:
     assert [via[k] for k in ("i", "n", "b", "a", "j", "z", "big")] == [direct[k] for k in
                                                                         ("i", "n", "b", "a", "j", "z", "big")]
     assert len(many) == 5000 and many[-1][0] == 5000
-    rows = events_for_run(stack, "asyncpg-1", at_least=2)
+    rows = events_for_run(stack, "asyncpg-1", at_least=2, containing=(sql, "generate_series"))
     first = next(r for r in rows if r["statement"] == sql)
     assert json.loads(first["details"])["parameters"] == ["7"]
     assert next(r for r in rows if "generate_series" in r["statement"])["rows"] == 5000
@@ -136,7 +145,7 @@ def test_psycopg_pipeline_and_copy_both_ways(stack: Stack) -> None:
             conn.execute("SELECT * FROM missing_table")
             conn.execute("SELECT 2")
         assert conn.execute("SELECT 'healthy'").fetchone() == ("healthy",)
-    rows = events_for_run(stack, "psycopg-1", at_least=27)
+    rows = events_for_run(stack, "psycopg-1", at_least=28)
     tags = [r["command_tag"] for r in rows]
     assert tags.count("INSERT 0 1") == 20 and "COPY 1000" in tags and "COPY 1020" in tags
     failed = [r for r in rows if r["status"] == "Failure"]

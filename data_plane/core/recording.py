@@ -59,6 +59,12 @@ class Record:
         return json.loads(self.payload) if self.kind == EVENT else None
 
 
+_pack_header = HEADER.pack
+_sha256 = hashlib.sha256
+_writev = os.writev
+_now = time.time
+
+
 class RecordingWriter:
     def __init__(self, path: Path, session_id: str, *, fsync_interval: float = 1.0) -> None:
         self.path = path
@@ -66,7 +72,7 @@ class RecordingWriter:
         self._prev = genesis(session_id)
         self._seq = 0
         self._fsync_interval = fsync_interval
-        self._last_sync = time.monotonic()
+        self._next_sync = _now() + fsync_interval
         self.bytes_written = 0
 
     @property
@@ -74,20 +80,20 @@ class RecordingWriter:
         return self._prev.hex()
 
     def append(self, direction: int, kind: int, payload: bytes | bytearray | memoryview) -> None:
-        header = HEADER.pack(self._seq, time.time(), direction, kind, len(payload))
-        digest = hashlib.sha256(self._prev)
+        now = _now()
+        header = _pack_header(self._seq, now, direction, kind, len(payload))
+        digest = _sha256(self._prev)
         digest.update(header)
         digest.update(payload)
-        self._prev = digest.digest()
-        written = os.writev(self._fd, [header, payload, self._prev])
+        self._prev = link = digest.digest()
+        written = _writev(self._fd, (header, payload, link))
         if written != HEADER.size + len(payload) + HASH_SIZE:  # a short write on a regular file: disk full
             raise OSError(f"short write to recording {self.path}")
         self._seq += 1
         self.bytes_written += written
-        now = time.monotonic()
-        if now - self._last_sync >= self._fsync_interval:
+        if now >= self._next_sync:
             os.fsync(self._fd)
-            self._last_sync = now
+            self._next_sync = now + self._fsync_interval
 
     def event(self, doc: dict[str, Any]) -> None:
         self.append(META, EVENT, json.dumps(doc, sort_keys=True, default=str).encode())
@@ -109,6 +115,11 @@ def complete_prefix(data: bytes | memoryview) -> int:
             break
         pos = end
     return pos
+
+
+def first_record_size(data: bytes | memoryview) -> int:
+    """Size of the record at the start of `data` (which must hold at least its header)."""
+    return HEADER.size + HEADER.unpack_from(data, 0)[4] + HASH_SIZE
 
 
 class ChainBroken(Exception):

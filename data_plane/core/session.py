@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import secrets
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -13,8 +14,8 @@ from control_plane.contract import (
     CLASS_SSH_ACTIVITY,
     STATUS_FAILURE,
     STATUS_SUCCESS,
+    EventTemplate,
     GrantClaims,
-    evidence_event,
 )
 
 _CLASSES = {"postgres": CLASS_DATASTORE_ACTIVITY, "mysql": CLASS_DATASTORE_ACTIVITY, "ssh": CLASS_SSH_ACTIVITY}
@@ -24,7 +25,7 @@ def new_session_id() -> str:
     return "s" + time.strftime("%Y%m%d%H%M%S", time.gmtime()) + secrets.token_hex(6)
 
 
-@dataclass
+@dataclass(slots=True)
 class Statement:
     """One statement (or command) as evidence: what was asked, what came back."""
 
@@ -64,14 +65,27 @@ class SessionInfo:
     bytes_out: int = 0
     record_parameters: bool = True
     events: int = 0
+    on_template: Callable[[int, dict[str, Any]], None] | None = field(default=None, repr=False)
+    _template: EventTemplate | None = field(default=None, repr=False)
+    _template_for: GrantClaims | None = field(default=None, repr=False)
+    _template_version: int = field(default=0, repr=False)
 
     def event(self, activity: str, *, status: str = STATUS_SUCCESS, details: dict[str, Any] | None = None,
               now: float | None = None, **fields: Any) -> dict[str, Any]:
-        grant = self.grant
+        """A compact evidence row (what varies); the spool keeps the session's template beside it."""
+        template = self._template
+        if template is None or self._template_for is not self.grant:
+            template = self._build_template()
         self.events += 1
+        row = template.compact(activity, status=status, details=details, now=now, seq=self.events, **fields)
+        row["tv"] = self._template_version
+        return row
+
+    def _build_template(self) -> EventTemplate:
+        """The fields every event of this session repeats (built once the grant is known)."""
+        grant = self.grant
         base: dict[str, Any] = {
             "session_id": self.session_id,
-            "seq": self.events,
             "src_ip": self.client_ip,
             "src_port": self.client_port,
             "database_name": self.database,
@@ -80,15 +94,17 @@ class SessionInfo:
         if grant is not None:
             base.update(grant_id=grant.grant_id, target_name=grant.target, target_kind=grant.target_kind,
                         policy_name=grant.policy_name, policy_version=grant.policy_version)
-        base.update(fields)
-        return evidence_event(
-            _CLASSES.get(self.protocol, CLASS_DATASTORE_ACTIVITY), activity, status=status,
-            identity=grant.identity if grant else None, region=self.region, details=details, now=now, **base,
-        )
+        self._template = EventTemplate(_CLASSES.get(self.protocol, CLASS_DATASTORE_ACTIVITY),
+                                       identity=grant.identity if grant else None, region=self.region, **base)
+        self._template_for = grant
+        self._template_version += 1
+        if self.on_template is not None:
+            self.on_template(self._template_version, self._template.to_doc())
+        return self._template
 
     def statement_event(self, statement: Statement) -> dict[str, Any]:
         failed = statement.sqlstate is not None or statement.skipped or statement.error is not None
-        details: dict[str, Any] = {"protocol": self.protocol, "kind": statement.kind}
+        details: dict[str, Any] = {} if statement.kind == "query" else {"kind": statement.kind}
         if statement.parameters is not None:
             details["parameters"] = statement.parameters
         if statement.skipped:
@@ -96,7 +112,7 @@ class SessionInfo:
         if statement.error:
             details["error"] = statement.error
         return self.event(
-            "query", status=STATUS_FAILURE if failed else STATUS_SUCCESS, details=details,
+            "query", status=STATUS_FAILURE if failed else STATUS_SUCCESS, details=details or None,
             statement=statement.text, command_tag=statement.command_tag, rows=statement.rows,
             bytes=statement.bytes, duration_ms=statement.duration_ms, sqlstate=statement.sqlstate,
             status_detail=statement.error, now=statement.started,

@@ -18,6 +18,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import orjson
+
 from data_plane.core.recording import WIRE, RecordingWriter
 
 
@@ -77,9 +79,12 @@ class SessionEvidence:
     def record(self, direction: int, payload: bytes | bytearray | memoryview, kind: int = WIRE) -> None:
         self.recording.append(direction, kind, payload)
 
+    def write_template(self, version: int, doc: Mapping[str, Any]) -> None:
+        """The fields this session's compact events share (see contract.EventTemplate)."""
+        write_json_atomic(self.directory / f"template-{version}.json", doc)
+
     def add_event(self, row: Mapping[str, Any]) -> None:
-        line = json.dumps(row, sort_keys=True, default=str, separators=(",", ":")) + "\n"
-        os.write(self._events_fd, line.encode())
+        os.write(self._events_fd, orjson.dumps(row, default=str, option=orjson.OPT_APPEND_NEWLINE))
 
     def close(self, summary: Mapping[str, Any]) -> None:
         if self.closed:

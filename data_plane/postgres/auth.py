@@ -37,10 +37,10 @@ class ScramClient:
         return ("n,," + self._client_first_bare).encode()
 
     def client_final(self, server_first: bytes) -> bytes:
-        attrs = dict(part.split("=", 1) for part in server_first.decode().split(","))
         try:
-            nonce, salt, iterations = attrs["r"], base64.b64decode(attrs["s"]), int(attrs["i"])
-        except (KeyError, ValueError) as exc:
+            attrs = _attributes(server_first)
+            nonce, salt, iterations = attrs["r"], base64.b64decode(attrs["s"], validate=True), int(attrs["i"])
+        except (KeyError, ValueError) as exc:  # binascii.Error and UnicodeDecodeError are ValueErrors
             raise BackendAuthError("malformed SCRAM server-first message") from exc
         if not nonce.startswith(self._nonce) or iterations < 1:
             raise BackendAuthError("SCRAM server nonce or iteration count invalid")
@@ -56,10 +56,23 @@ class ScramClient:
         return f"{without_proof},p={_b64(proof)}".encode()
 
     def verify_server_final(self, server_final: bytes) -> None:
-        attrs = dict(part.split("=", 1) for part in server_final.decode().split(",") if "=" in part)
+        try:
+            attrs = _attributes(server_final)
+            signature = base64.b64decode(attrs.get("v", ""), validate=True)
+        except ValueError as exc:
+            raise BackendAuthError("malformed SCRAM server-final message") from exc
         if "e" in attrs:
             raise BackendAuthError(f"SCRAM error from server: {attrs['e']}")
-        if self._server_signature is None or not hmac.compare_digest(
-            base64.b64decode(attrs.get("v", "")), self._server_signature
-        ):
+        if self._server_signature is None or not hmac.compare_digest(signature, self._server_signature):
             raise BackendAuthError("SCRAM server signature mismatch: not the expected server")
+
+
+def _attributes(message: bytes) -> dict[str, str]:
+    """SCRAM `a=value,b=value` attributes; ValueError on anything else."""
+    attrs = {}
+    for part in message.decode().split(","):
+        if "=" not in part:
+            raise ValueError("SCRAM attribute without '='")
+        key, value = part.split("=", 1)
+        attrs[key] = value
+    return attrs

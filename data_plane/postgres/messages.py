@@ -259,6 +259,8 @@ def notice_response(message: str, *, code: str = "00000", severity: str = "NOTIC
 
 
 def parse_command_complete(body: bytes) -> str:
+    if body[-1:] == b"\x00" and b"\x00" not in body[:-1]:  # the usual, well-formed case, without a Reader
+        return body[:-1].decode("utf-8", errors="replace")
     return Reader(body).cstring()
 
 
@@ -349,6 +351,8 @@ def terminate() -> bytes:
 
 
 def parse_query(body: bytes) -> str:
+    if body[-1:] == b"\x00" and b"\x00" not in body[:-1]:
+        return body[:-1].decode("utf-8", errors="replace")
     return Reader(body).cstring()
 
 
@@ -391,7 +395,19 @@ def parse_bind(body: bytes) -> Bind:
         length = reader.int32()
         params.append(None if length < 0 else reader.take(length))
     results = tuple(reader.int16() for _ in range(reader.int16()))
+    if len(formats) not in (0, 1, len(params)):
+        raise ProtocolViolation(f"bind message has {len(formats)} parameter formats but {len(params)} parameters")
     return Bind(portal, statement, formats, tuple(params), results)
+
+
+def bind(message: Bind) -> bytes:
+    parts = [cstring(message.portal), cstring(message.statement), _INT16.pack(len(message.param_formats)),
+             *(_INT16.pack(f) for f in message.param_formats), _INT16.pack(len(message.params))]
+    for value in message.params:
+        parts.append(_INT32.pack(-1) if value is None else _INT32.pack(len(value)) + value)
+    parts.append(_INT16.pack(len(message.result_formats)))
+    parts.extend(_INT16.pack(f) for f in message.result_formats)
+    return frame(b"B", b"".join(parts))
 
 
 def parse_execute(body: bytes) -> tuple[str, int]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import struct
 import time
@@ -28,8 +29,8 @@ from data_plane import metrics
 from data_plane.core.context import GatewayContext
 from data_plane.core.control_plane_client import ControlPlaneError
 from data_plane.core.credentials import Credential
-from data_plane.core.recording import FROM_CLIENT, FROM_GATEWAY, FROM_SERVER, WIRE_REDACTED
-from data_plane.core.redact import might_hold_secret, redact_statement
+from data_plane.core.recording import FROM_CLIENT, FROM_GATEWAY, FROM_SERVER, WIRE, WIRE_REDACTED
+from data_plane.core.redact import might_hold_secret, redact_conninfo, redact_statement
 from data_plane.core.registry import CancelTarget
 from data_plane.core.session import SessionInfo, Statement, new_session_id
 from data_plane.core.spool import SessionEvidence
@@ -46,6 +47,7 @@ CLIENT_SKIP = b"d"  # CopyData from the client is counted, not decoded
 SERVER_SKIP = b"Dd"  # DataRow and CopyData from the server likewise
 SERVER_DECODED = frozenset(b"CEZIst")
 CLIENT_DECODED = frozenset(b"QPBESFCDHX")
+REDACTABLE = frozenset(b"QPB")  # Query, Parse, Bind: where a secret can travel in the clear
 WRITE_HIGH_WATER = 1 << 20
 
 
@@ -144,6 +146,7 @@ class PostgresSession:
                 "client_user": startup.params.get("user"), "client_database": startup.params.get("database"),
                 "application_name": startup.params.get("application_name"), "tls": self.tls,
             })
+            self.info.on_template = self.evidence.write_template
         return self.evidence
 
     async def authorize(self, startup: m.StartupMessage) -> tuple[str, GrantClaims]:
@@ -259,8 +262,12 @@ class PostgresSession:
         self.info.statements += 1
         if self.evidence is not None:
             self.evidence.add_event(self.info.statement_event(statement))
-        status = "error" if statement.sqlstate else ("skipped" if statement.skipped else "ok")
-        metrics.STATEMENTS.labels("postgres", status).inc()
+        if statement.sqlstate or statement.error:
+            metrics.STATEMENTS_ERROR.inc()
+        elif statement.skipped:
+            metrics.STATEMENTS_SKIPPED.inc()
+        else:
+            metrics.STATEMENTS_OK.inc()
 
     def terminate(self, code: str, message: str) -> None:
         """End the session now with a FATAL error to the client (revocation, expiry, drain)."""
@@ -346,6 +353,8 @@ class Relay:
         self.tracker = tracker
         self.backend = backend
         self.evidence = session.evidence
+        assert self.evidence is not None
+        self.record = self.evidence.recording.append  # the hot path calls the writer directly
         self.max_len = session.ctx.config.max_message_bytes
         self.client: asyncio.Transport | None = None
         self.server: asyncio.Transport | None = None
@@ -399,7 +408,7 @@ class Relay:
             for msg_type, offset, size, _ in events:
                 if msg_type in CLIENT_DECODED:
                     body = chunk[offset + 5:offset + size]
-                    if msg_type in (0x51, 0x50) and might_hold_secret(body):
+                    if msg_type in REDACTABLE and might_hold_secret(body):
                         redact = True
                     tracker.client_message(msg_type, body)
         except m.ProtocolViolation as exc:
@@ -407,14 +416,12 @@ class Relay:
             return
         if trailing or any(e[3] for e in events):
             tracker.client_copy_bytes(end)
-        assert self.evidence is not None
         if redact:
-            self.evidence.record(FROM_CLIENT, _redacted(chunk, events), WIRE_REDACTED)
+            self.record(FROM_CLIENT, WIRE_REDACTED, _redacted(chunk, events))
         else:
-            self.evidence.record(FROM_CLIENT, chunk)
+            self.record(FROM_CLIENT, WIRE, chunk)
         self.session.info.bytes_in += end
-        assert self.server is not None
-        self.server.write(chunk)
+        self.server.write(chunk)  # type: ignore[union-attr]
         self.client_tail = buf[end:] if end < len(buf) else b""
 
     # server → client ---------------------------------------------------------------------------
@@ -433,24 +440,29 @@ class Relay:
         chunk = buf if end == len(buf) else buf[:end]
         tracker = self.tracker
         now = time.monotonic()
-        pos = 0
-        for msg_type, offset, size, skipped in events:
-            if skipped:
-                tracker.rows(skipped)
-            # Bytes up to and including this message belong to the statement it answers.
-            tracker.server_bytes(offset + size - pos)
-            pos = offset + size
-            if msg_type in SERVER_DECODED:
-                tracker.server_message(msg_type, chunk[offset + 5:offset + size], now)
-        if trailing:
-            tracker.rows(trailing)
+        pos = rows = 0
+        try:
+            for msg_type, offset, size, skipped in events:
+                rows += skipped
+                if msg_type in SERVER_DECODED:
+                    if rows:
+                        tracker.rows(rows)
+                        rows = 0
+                    # Bytes up to and including this message belong to the statement it answers.
+                    tracker.server_bytes(offset + size - pos)
+                    pos = offset + size
+                    tracker.server_message(msg_type, chunk[offset + 5:offset + size], now)
+        except m.ProtocolViolation as exc:
+            self.fail_protocol("08P01", f"the target sent an invalid message: {exc}")
+            return
+        rows += trailing
+        if rows:
+            tracker.rows(rows)
         if end > pos:
             tracker.server_bytes(end - pos)
-        assert self.evidence is not None
-        self.evidence.record(FROM_SERVER, chunk)
+        self.record(FROM_SERVER, WIRE, chunk)
         self.session.info.bytes_out += end
-        assert self.client is not None
-        self.client.write(chunk)
+        self.client.write(chunk)  # type: ignore[union-attr]
         self.server_tail = buf[end:] if end < len(buf) else b""
 
     # control ------------------------------------------------------------------------------------
@@ -496,16 +508,23 @@ class Relay:
 
 
 def _redacted(chunk: bytes, events: list[tuple[int, int, int, int]]) -> bytes:
-    """The chunk as recorded: Query/Parse texts with their secrets replaced."""
+    """The chunk as recorded: Query/Parse texts and text-format Bind values with secrets replaced."""
     parts: list[bytes] = []
     pos = 0
     for msg_type, offset, size, _ in events:
-        if msg_type not in (0x51, 0x50):
+        if msg_type not in REDACTABLE:
             continue
         body = chunk[offset + 5:offset + size]
         parts.append(chunk[pos:offset])
         if msg_type == 0x51:
             parts.append(m.query(redact_statement(m.parse_query(body))))
+        elif msg_type == 0x42:
+            bound = m.parse_bind(body)
+            values = tuple(
+                redact_conninfo(v.decode("utf-8", errors="replace")).encode()
+                if v is not None and bound.param_format(i) == 0 and might_hold_secret(v) else v
+                for i, v in enumerate(bound.params))
+            parts.append(m.bind(dataclasses.replace(bound, params=values)))
         else:
             parsed = m.parse_parse(body)
             rebuilt = (m.cstring(parsed.statement) + m.cstring(redact_statement(parsed.query))

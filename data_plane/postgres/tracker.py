@@ -10,7 +10,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from data_plane.core.redact import might_hold_secret, redact_statement
+from data_plane.core.redact import might_hold_secret, redact_conninfo, redact_statement
 from data_plane.core.session import Statement
 from data_plane.postgres import messages as m
 
@@ -28,10 +28,6 @@ class _Group:
 
     def current(self) -> Statement | None:
         return self.statements[self.cursor] if self.cursor < len(self.statements) else None
-
-
-def _statement_text(text: str) -> str:
-    return redact_statement(text) if might_hold_secret(text.encode()) else text
 
 
 _BINARY_DECODERS = {
@@ -58,6 +54,8 @@ def _parameter(value: bytes | None, fmt: int, type_oid: int) -> str | None:
             text = _BINARY_DECODERS[type_oid](value)
         except (KeyError, ValueError, struct.error):
             text = "\\x" + value.hex()
+    if might_hold_secret(text.encode()):
+        text = redact_conninfo(text)
     return text if len(text) <= MAX_PARAMETER_CHARS else text[:MAX_PARAMETER_CHARS] + "…"
 
 
@@ -70,6 +68,7 @@ class StatementTracker:
         self.groups: deque[_Group] = deque()
         self._open: _Group | None = None  # extended-protocol group awaiting its Sync
         self._copy_in: Statement | None = None
+        self._since_tag = 0
 
     # client → server -----------------------------------------------------------------------------
     def _extended_group(self) -> _Group:
@@ -80,7 +79,7 @@ class StatementTracker:
 
     def client_message(self, msg_type: int, body: bytes) -> None:
         if msg_type == 0x51:  # Q
-            group = _Group(simple=True, statements=[Statement(_statement_text(m.parse_query(body)))])
+            group = _Group(simple=True, statements=[Statement(redact_statement(m.parse_query(body)))])
             self.groups.append(group)
             self._copy_in = group.statements[0]
         elif msg_type == 0x50:  # P
@@ -101,7 +100,7 @@ class StatementTracker:
                 types = parsed.param_types if parsed else ()
                 params = [_parameter(v, bind.param_format(i), types[i] if i < len(types) else 0)
                           for i, v in enumerate(bind.params)]
-            statement = Statement(_statement_text(text), parameters=params)
+            statement = Statement(redact_statement(text), parameters=params)
             self._extended_group().statements.append(statement)
             self._copy_in = statement
         elif msg_type == 0x53:  # S
@@ -128,12 +127,16 @@ class StatementTracker:
     def _head(self) -> _Group | None:
         return self.groups[0] if self.groups else None
 
-    def rows(self, count: int, byte_count: int = 0) -> None:
-        group = self._head()
-        statement = group.current() if group else None
+    def rows(self, count: int) -> None:
+        """DataRows (or CopyData) relayed since the last response that closed a command."""
+        self._since_tag += count
+
+    def _take_rows(self, statement: Statement | None, tagged: int | None = None) -> None:
+        # A command's rows: its tag's count when it has one (SELECT, COPY, INSERT … RETURNING
+        # send both rows and a count), else the rows relayed.
         if statement is not None:
-            statement.rows += count
-            statement.bytes += byte_count
+            statement.rows += max(self._since_tag, tagged or 0)
+        self._since_tag = 0
 
     def server_bytes(self, count: int) -> None:
         group = self._head()
@@ -149,21 +152,16 @@ class StatementTracker:
         if msg_type == 0x43:  # C CommandComplete
             tag = m.parse_command_complete(body)
             if statement is None:
+                self._since_tag = 0
                 return
-            counted = m.rows_from_tag(tag)
+            self._take_rows(statement, m.rows_from_tag(tag))
             if group.simple:
                 statement.command_tag = tag if statement.command_tag is None else f"{statement.command_tag}; {tag}"
-                if counted is not None and not tag.startswith(("INSERT", "UPDATE", "DELETE", "MERGE")):
-                    statement.rows = max(statement.rows, counted)
-                elif counted is not None:
-                    statement.rows += counted
             else:
                 statement.command_tag = tag
-                if counted is not None:
-                    statement.rows = counted if tag.split()[0] not in ("SELECT", "FETCH", "COPY") else max(
-                        statement.rows, counted)
                 self._finish_current(group, now)
         elif msg_type in (0x49, 0x73):  # I EmptyQueryResponse, s PortalSuspended
+            self._take_rows(statement)
             if statement is not None and not group.simple:
                 statement.command_tag = "" if msg_type == 0x49 else "PORTAL SUSPENDED"
                 self._finish_current(group, now)
@@ -171,9 +169,10 @@ class StatementTracker:
                 statement.command_tag = statement.command_tag or ""
         elif msg_type == 0x45:  # E ErrorResponse
             fields = m.error_fields(body)
+            self._take_rows(statement)
             if statement is None and not group.simple and not group.failed:
                 # The error answers a Parse/Bind before any Execute of this group.
-                statement = Statement(_statement_text(group.parse_text or "<unknown>"), kind="parse")
+                statement = Statement(redact_statement(group.parse_text or "<unknown>"), kind="parse")
                 group.statements.append(statement)
             if statement is not None:
                 statement.sqlstate = fields.get("C")
@@ -190,6 +189,7 @@ class StatementTracker:
                 if parsed is not None:
                     self.prepared[name] = m.Parse(parsed.statement, parsed.query, m.parse_parameter_description(body))
         elif msg_type == 0x5A:  # Z ReadyForQuery
+            self._take_rows(statement)
             self.groups.popleft()
             for pending in group.statements[group.cursor:]:
                 if not group.simple and pending.finished_mono is None and pending.sqlstate is None:
@@ -201,6 +201,8 @@ class StatementTracker:
 
     def abandon(self, now: float) -> None:
         """The session ended with statements still in flight: they are evidence too."""
+        if self.groups:
+            self._take_rows(self.groups[0].current())
         while self.groups:
             group = self.groups.popleft()
             for statement in group.statements[group.cursor:]:

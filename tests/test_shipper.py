@@ -1,0 +1,452 @@
+"""The shipper moves a spooled session to S3 (moto in-process, buckets as the local stack makes
+them): recording chunks that verify as one hash chain, event rows, the session index row, every
+object checksummed and under Object Lock, and the spool emptied only once all of it is stored."""
+
+from __future__ import annotations
+
+import base64
+import gzip
+import hashlib
+import json
+import os
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import boto3
+import pytest
+from botocore.exceptions import ClientError
+from moto import mock_aws
+
+from control_plane.contract import (
+    CLASS_DATASTORE_ACTIVITY,
+    SESSION_COLUMNS,
+    STATUS_FAILURE,
+    decode_jsonl_gz,
+    evidence_event,
+    recording_chunk_key,
+    session_index_key,
+)
+from data_plane.core.recording import FROM_CLIENT, FROM_SERVER, META, ChainBroken, genesis, read_records
+from data_plane.core.session import new_session_id
+from data_plane.core.spool import SessionEvidence, Spool
+from data_plane.shipper import Shipper
+from proctor.dev.aws import EVIDENCE_BUCKET, RECORDINGS_BUCKET, create_resources
+
+REGION = "eu-west-1"
+STARTED = datetime(2025, 3, 4, 23, 59, 0, tzinfo=UTC).timestamp()
+DT = "2025-03-04"
+CLIENT_IP = "203.0.113.7"
+
+
+@pytest.fixture(scope="module")
+def s3() -> Iterator[Any]:
+    """moto in-process with the local stack's buckets, shared by this module (each test uses its
+    own session ids, so their objects never overlap)."""
+    with pytest.MonkeyPatch.context() as mp:
+        for name in ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_PROFILE"):
+            mp.delenv(name, raising=False)
+        mp.setenv("AWS_ACCESS_KEY_ID", "testing")
+        mp.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+        mp.setenv("AWS_DEFAULT_REGION", "us-east-1")
+        with mock_aws():
+            create_resources(None)
+            yield boto3.client("s3", region_name="us-east-1")
+
+
+@pytest.fixture
+def spool(tmp_path: Path) -> Spool:
+    return Spool(tmp_path / "spool", fsync_interval=3600)
+
+
+def shipper(s3: Any, spool: Spool, **options: Any) -> Shipper:
+    return Shipper(s3, spool.root, recordings_bucket=RECORDINGS_BUCKET, evidence_bucket=EVIDENCE_BUCKET,
+                   region=REGION, **options)
+
+
+def open_session(spool: Spool) -> SessionEvidence:
+    return spool.open_session(new_session_id(), {"protocol": "postgres", "started_at": STARTED, "region": REGION,
+                                                 "client_ip": CLIENT_IP})
+
+
+def event_row(evidence: SessionEvidence, activity: str, seconds: float, **fields: Any) -> dict[str, Any]:
+    row = evidence_event(CLASS_DATASTORE_ACTIVITY, activity, region=REGION, now=STARTED + seconds,
+                         session_id=evidence.session_id, src_ip=CLIENT_IP, **fields)
+    evidence.add_event(row)
+    return row
+
+
+def record_some(evidence: SessionEvidence, count: int = 3, size: int = 40) -> list[bytes]:
+    payloads = []
+    for i in range(count):
+        payload = bytes([i % 256]) * size
+        evidence.record(FROM_CLIENT if i % 2 == 0 else FROM_SERVER, payload)
+        payloads.append(payload)
+    return payloads
+
+
+def keys(s3: Any, bucket: str, prefix: str) -> list[str]:
+    listed = s3.list_objects_v2(Bucket=bucket, Prefix=prefix)
+    return sorted(o["Key"] for o in listed.get("Contents", []))
+
+
+def body(s3: Any, bucket: str, key: str) -> bytes:
+    return s3.get_object(Bucket=bucket, Key=key)["Body"].read()
+
+
+def recording_keys(s3: Any, session_id: str) -> list[str]:
+    return keys(s3, RECORDINGS_BUCKET, f"recordings/dt={DT}/{session_id}/")
+
+
+def event_keys(s3: Any, session_id: str) -> list[str]:
+    """Events objects holding rows of this session (a round batches every session's events)."""
+    return [k for k in keys(s3, EVIDENCE_BUCKET, "events/")
+            if any(r["session_id"] == session_id for r in decode_jsonl_gz(body(s3, EVIDENCE_BUCKET, k)))]
+
+
+def shipped_rows(s3: Any, session_id: str) -> list[dict[str, Any]]:
+    return [r for k in event_keys(s3, session_id) for r in decode_jsonl_gz(body(s3, EVIDENCE_BUCKET, k))
+            if r["session_id"] == session_id]
+
+
+def verified_records(s3: Any, session_id: str) -> list[Any]:
+    """Every chunk in order, each verified from the last hash of the one before."""
+    prev, records = genesis(session_id), []
+    for key in recording_keys(s3, session_id):
+        obj = s3.get_object(Bucket=RECORDINGS_BUCKET, Key=key)
+        assert obj["Metadata"]["first-prev-hash"] == prev.hex()
+        chunk = list(read_records(gzip.decompress(obj["Body"].read()), prev))
+        assert obj["Metadata"]["last-hash"] == chunk[-1].hash.hex()
+        records += chunk
+        prev = chunk[-1].hash
+    return records
+
+
+def index_row(s3: Any, session_id: str) -> dict[str, Any]:
+    [row] = decode_jsonl_gz(body(s3, EVIDENCE_BUCKET, session_index_key(DT, REGION, session_id)))
+    return row
+
+
+# ------------------------------------------------------------------------------------------------
+# a closed session
+# ------------------------------------------------------------------------------------------------
+
+
+def test_closed_session_ships_recording_events_and_index_then_leaves_the_spool(s3: Any, spool: Spool) -> None:
+    evidence = open_session(spool)
+    sid = evidence.session_id
+    rows = [event_row(evidence, "connect", 1)]
+    evidence.recording.event({"activity": "connect"})
+    payloads = record_some(evidence)
+    rows.append(event_row(evidence, "query", 2, statement="SELECT 1", rows=1))
+    rows.append(event_row(evidence, "disconnect", 3))
+    evidence.close({"statements": 1, "bytes_in": 60, "bytes_out": 60, "src_ip": CLIENT_IP,
+                    "ended_at": STARTED + 3})
+
+    written = shipper(s3, spool).ship_once()
+
+    assert written == 3  # one chunk, one events batch, one index row
+    assert recording_keys(s3, sid) == [recording_chunk_key(DT, sid, 0)]
+    assert recording_chunk_key(DT, sid, 0) == f"recordings/dt={DT}/{sid}/000000.rec.gz"
+    records = verified_records(s3, sid)
+    assert [r.seq for r in records] == [0, 1, 2, 3]
+    assert (records[0].direction, records[0].json()) == (META, {"activity": "connect"})
+    assert [r.payload for r in records[1:]] == payloads
+
+    [events_key] = event_keys(s3, sid)
+    assert events_key.startswith(f"events/dt={DT}/region={REGION}/")
+    assert shipped_rows(s3, sid) == json.loads(json.dumps(rows))
+
+    row = index_row(s3, sid)
+    assert set(row) == {name for name, _ in SESSION_COLUMNS}
+    assert row["session_id"] == sid
+    assert row["protocol"] == "postgres"
+    assert row["started_at"] == "2025-03-04T23:59:00.000+00:00"
+    assert row["ended_at"] == "2025-03-04T23:59:03.000+00:00"
+    assert row["chunks"] == 1
+    assert row["last_hash"] == records[-1].hash.hex() == evidence.recording.last_hash
+    assert row["recording_prefix"] == f"s3://{RECORDINGS_BUCKET}/recordings/dt={DT}/{sid}/"
+    assert (row["statements"], row["bytes_in"], row["bytes_out"]) == (1, 60, 60)
+    assert row["src_ip"] == CLIENT_IP
+    assert row["gateway_region"] == REGION
+
+    assert not evidence.directory.exists()
+
+
+def test_every_shipped_object_carries_a_sha256_checksum_and_compliance_lock(s3: Any, spool: Spool) -> None:
+    evidence = open_session(spool)
+    event_row(evidence, "connect", 1)
+    record_some(evidence)
+    evidence.close({"ended_at": STARTED + 2})
+    shipper(s3, spool).ship_once()
+    sid = evidence.session_id
+    objects = ([(RECORDINGS_BUCKET, k) for k in recording_keys(s3, sid)]
+               + [(EVIDENCE_BUCKET, k) for k in event_keys(s3, sid)]
+               + [(EVIDENCE_BUCKET, session_index_key(DT, REGION, sid))])
+    assert len(objects) == 3
+    for bucket, key in objects:
+        head = s3.head_object(Bucket=bucket, Key=key, ChecksumMode="ENABLED")
+        expected = base64.b64encode(hashlib.sha256(body(s3, bucket, key)).digest()).decode()
+        assert head["ChecksumSHA256"] == expected
+        assert head["ObjectLockMode"] == "COMPLIANCE"
+        assert head["ContentEncoding"] == "gzip"
+
+
+def test_deleting_a_shipped_object_version_is_refused(s3: Any, spool: Spool) -> None:
+    evidence = open_session(spool)
+    record_some(evidence)
+    evidence.close({"ended_at": STARTED + 1})
+    shipper(s3, spool).ship_once()
+    [key] = recording_keys(s3, evidence.session_id)
+    version = s3.head_object(Bucket=RECORDINGS_BUCKET, Key=key)["VersionId"]
+    with pytest.raises(ClientError) as refused:
+        s3.delete_object(Bucket=RECORDINGS_BUCKET, Key=key, VersionId=version)
+    assert refused.value.response["Error"]["Code"] == "AccessDenied"
+    assert verified_records(s3, evidence.session_id)
+
+
+def test_session_without_recorded_bytes_still_gets_its_index_row(s3: Any, spool: Spool) -> None:
+    evidence = open_session(spool)
+    event_row(evidence, "connect", 1, status_detail="refused")
+    evidence.close({"ended_at": STARTED + 1})
+    assert shipper(s3, spool).ship_once() == 2
+    row = index_row(s3, evidence.session_id)
+    assert row["chunks"] == 0
+    assert row["last_hash"] == genesis(evidence.session_id).hex()
+    assert recording_keys(s3, evidence.session_id) == []
+    assert not evidence.directory.exists()
+
+
+# ------------------------------------------------------------------------------------------------
+# chunks
+# ------------------------------------------------------------------------------------------------
+
+
+def test_large_recording_is_cut_into_chunks_that_chain_in_order(s3: Any, spool: Spool) -> None:
+    evidence = open_session(spool)
+    payloads = record_some(evidence, count=40, size=100)
+    evidence.close({"ended_at": STARTED + 1})
+    ship = shipper(s3, spool, chunk_bytes=1024)
+    assert ship.ship_once() > 3
+    sid = evidence.session_id
+    chunk_keys = recording_keys(s3, sid)
+    assert chunk_keys == [recording_chunk_key(DT, sid, n) for n in range(len(chunk_keys))]
+    assert len(chunk_keys) >= 6
+    for key in chunk_keys:
+        assert len(gzip.decompress(body(s3, RECORDINGS_BUCKET, key))) <= 1024
+    records = verified_records(s3, sid)
+    assert [r.seq for r in records] == list(range(40))
+    assert [r.payload for r in records] == payloads
+    row = index_row(s3, sid)
+    assert row["chunks"] == len(chunk_keys)
+    assert row["last_hash"] == records[-1].hash.hex()
+
+
+def test_a_later_chunk_does_not_verify_without_its_predecessor(s3: Any, spool: Spool) -> None:
+    evidence = open_session(spool)
+    record_some(evidence, count=20, size=100)
+    evidence.close({"ended_at": STARTED + 1})
+    shipper(s3, spool, chunk_bytes=1024).ship_once()
+    first, second, third, *_ = recording_keys(s3, evidence.session_id)
+    last_of_first = list(read_records(gzip.decompress(body(s3, RECORDINGS_BUCKET, first)),
+                                      genesis(evidence.session_id)))[-1].hash
+    third_data = gzip.decompress(body(s3, RECORDINGS_BUCKET, third))
+    with pytest.raises(ChainBroken):  # the second chunk is missing
+        list(read_records(third_data, last_of_first))
+    with pytest.raises(ChainBroken):
+        list(read_records(gzip.decompress(body(s3, RECORDINGS_BUCKET, second)), genesis(evidence.session_id)))
+
+
+def test_open_session_ships_full_chunks_and_keeps_the_rest_until_due(s3: Any, spool: Spool) -> None:
+    evidence = open_session(spool)
+    payloads = record_some(evidence, count=20, size=100)  # ~3 KB: two full 1 KB chunks and a remainder
+    ship = shipper(s3, spool, chunk_bytes=1024, max_delay=3600)
+    ship.ship_once()
+    sid = evidence.session_id
+    early = recording_keys(s3, sid)
+    assert len(early) >= 2
+    progress = json.loads((evidence.directory / "shipped.json").read_text())
+    assert 0 < (evidence.directory / "recording.bin").stat().st_size - progress["recording_offset"] < 1024
+    payloads += record_some(evidence, count=2, size=10)
+    evidence.close({"ended_at": STARTED + 1})
+    ship.ship_once()
+    records = verified_records(s3, sid)
+    assert [r.payload for r in records] == payloads
+    assert recording_keys(s3, sid)[:len(early)] == early
+    assert not evidence.directory.exists()
+
+
+# ------------------------------------------------------------------------------------------------
+# open and orphaned sessions
+# ------------------------------------------------------------------------------------------------
+
+
+def test_open_session_ships_its_events_but_stays_in_the_spool(s3: Any, spool: Spool) -> None:
+    evidence = open_session(spool)
+    sid = evidence.session_id
+    first = [event_row(evidence, "connect", 1), event_row(evidence, "query", 2, statement="SELECT 1")]
+    record_some(evidence)
+    ship = shipper(s3, spool, max_delay=3600)
+
+    assert ship.ship_once() == 1
+    assert shipped_rows(s3, sid) == json.loads(json.dumps(first))
+    assert recording_keys(s3, sid) == []  # small and not yet due
+    assert evidence.directory.exists()
+    assert not s3.list_objects_v2(Bucket=EVIDENCE_BUCKET, Prefix=session_index_key(DT, REGION, sid)).get("Contents")
+
+    assert ship.ship_once() == 0  # nothing new: nothing written
+
+    last = event_row(evidence, "disconnect", 3)
+    evidence.close({"ended_at": STARTED + 3})
+    assert ship.ship_once() == 3
+    assert len(event_keys(s3, sid)) == 2
+    assert shipped_rows(s3, sid) == json.loads(json.dumps([*first, last]))  # no row twice
+    assert len(verified_records(s3, sid)) == 3
+    assert not evidence.directory.exists()
+
+
+def test_open_session_recording_ships_once_it_is_due(s3: Any, spool: Spool) -> None:
+    evidence = open_session(spool)
+    record_some(evidence)
+    assert shipper(s3, spool, max_delay=0).ship_once() == 1
+    assert len(verified_records(s3, evidence.session_id)) == 3
+    assert evidence.directory.exists()
+    evidence.close({"ended_at": STARTED + 1})
+
+
+def test_flush_ships_an_open_session_recording(s3: Any, spool: Spool) -> None:
+    evidence = open_session(spool)
+    record_some(evidence)
+    shipper(s3, spool, max_delay=3600).ship_once(flush=True)
+    assert len(verified_records(s3, evidence.session_id)) == 3
+    assert evidence.directory.exists()
+    evidence.close({"ended_at": STARTED + 1})
+
+
+def test_session_of_a_previous_gateway_instance_is_closed_as_failed_and_shipped(s3: Any, tmp_path: Path) -> None:
+    old = Spool(tmp_path / "spool", fsync_interval=3600)
+    evidence = open_session(old)
+    sid = evidence.session_id
+    connect = event_row(evidence, "connect", 1)
+    payloads = record_some(evidence)
+    evidence.recording.close()  # the old gateway died without closing the session
+    os.close(evidence._events_fd)
+    restarted = Spool(tmp_path / "spool", fsync_interval=3600)
+    assert restarted.instance_id != old.instance_id
+
+    # The chunk, the events (two date partitions: the disconnect is dated when it was noticed), the index.
+    assert shipper(s3, restarted, max_delay=3600).ship_once() == 4
+
+    rows = shipped_rows(s3, sid)
+    assert rows[0] == json.loads(json.dumps(connect))
+    disconnect = rows[-1]
+    assert (disconnect["activity_name"], disconnect["status"]) == ("disconnect", STATUS_FAILURE)
+    assert disconnect["session_id"] == sid
+    assert disconnect["src_ip"] == CLIENT_IP
+    assert disconnect["class_uid"] == CLASS_DATASTORE_ACTIVITY[0]
+    assert "terminated" in disconnect["status_detail"]
+    assert [r.payload for r in verified_records(s3, sid)] == payloads
+    row = index_row(s3, sid)
+    assert row["ended_at"] is not None
+    assert row["chunks"] == 1
+    assert not evidence.directory.exists()
+
+
+def test_open_session_of_the_current_instance_is_not_treated_as_orphaned(s3: Any, spool: Spool) -> None:
+    evidence = open_session(spool)
+    event_row(evidence, "connect", 1)
+    shipper(s3, spool, max_delay=3600).ship_once()
+    assert [r["activity_name"] for r in shipped_rows(s3, evidence.session_id)] == ["connect"]
+    assert not (evidence.directory / "closed").exists()
+    evidence.close({"ended_at": STARTED + 1})
+
+
+def test_half_created_session_without_meta_is_left_alone(s3: Any, spool: Spool) -> None:
+    (spool.sessions_dir / "s-half").mkdir()
+    assert shipper(s3, spool).ship_once() == 0
+    assert (spool.sessions_dir / "s-half").exists()
+
+
+def test_missing_spool_ships_nothing(s3: Any, tmp_path: Path) -> None:
+    ship = Shipper(s3, tmp_path / "nowhere", recordings_bucket=RECORDINGS_BUCKET, evidence_bucket=EVIDENCE_BUCKET,
+                   region=REGION)
+    assert ship.ship_once() == 0
+
+
+# ------------------------------------------------------------------------------------------------
+# at least once, never twice per run
+# ------------------------------------------------------------------------------------------------
+
+
+def test_shipping_twice_writes_nothing_new(s3: Any, spool: Spool) -> None:
+    evidence = open_session(spool)
+    event_row(evidence, "connect", 1)
+    record_some(evidence, count=10, size=200)
+    evidence.close({"ended_at": STARTED + 1})
+    ship = shipper(s3, spool, chunk_bytes=1024)
+    ship.ship_once()
+    sid = evidence.session_id
+    before = (recording_keys(s3, sid), event_keys(s3, sid), len(shipped_rows(s3, sid)))
+    assert ship.ship_once() == 0
+    assert (recording_keys(s3, sid), event_keys(s3, sid), len(shipped_rows(s3, sid))) == before
+
+
+def test_retry_after_lost_progress_rewrites_the_same_keys(s3: Any, spool: Spool) -> None:
+    # A crash between S3 accepting an object and the progress file: the retry must not create new keys.
+    evidence = open_session(spool)
+    event_row(evidence, "connect", 1)
+    record_some(evidence)
+    ship = shipper(s3, spool, max_delay=0)
+    ship.ship_once()
+    sid = evidence.session_id
+    before = (recording_keys(s3, sid), event_keys(s3, sid))
+    (evidence.directory / "shipped.json").unlink()
+    ship.ship_once()
+    assert (recording_keys(s3, sid), event_keys(s3, sid)) == before
+    assert len(shipped_rows(s3, sid)) == 1
+    evidence.close({"ended_at": STARTED + 1})
+
+
+def test_backlog_counts_what_is_not_yet_shipped(s3: Any, spool: Spool) -> None:
+    evidence = open_session(spool)
+    event_row(evidence, "connect", 1)
+    record_some(evidence)
+    assert spool.backlog_bytes() > 0
+    evidence.close({"ended_at": STARTED + 1})
+    shipper(s3, spool).ship_once()
+    assert spool.backlog_bytes() == 0
+
+
+# ------------------------------------------------------------------------------------------------
+# torn tails (a short write on a full disk, or a machine crash mid-record)
+# ------------------------------------------------------------------------------------------------
+
+
+def test_closed_session_with_a_torn_recording_tail_still_completes(s3: Any, spool: Spool) -> None:
+    evidence = open_session(spool)
+    payloads = record_some(evidence)
+    evidence.close({"ended_at": STARTED + 1})
+    with open(evidence.directory / "recording.bin", "ab") as fh:
+        fh.write(b"\x00" * 10)  # a header cut short
+    ship = shipper(s3, spool)
+    ship.ship_once()
+    ship.ship_once()
+    assert [r.payload for r in verified_records(s3, evidence.session_id)] == payloads
+    assert not evidence.directory.exists()
+    assert index_row(s3, evidence.session_id)["chunks"] == 1
+
+
+def test_orphaned_session_with_a_torn_events_line_still_ships(s3: Any, tmp_path: Path) -> None:
+    old = Spool(tmp_path / "spool", fsync_interval=3600)
+    evidence = open_session(old)
+    connect = event_row(evidence, "connect", 1)
+    os.write(evidence._events_fd, b'{"activity_name":"qu')  # the old gateway died mid-line
+    evidence.recording.close()
+    os.close(evidence._events_fd)
+    restarted = Spool(tmp_path / "spool", fsync_interval=3600)
+    shipper(s3, restarted).ship_once()
+    rows = shipped_rows(s3, evidence.session_id)
+    assert rows[0] == json.loads(json.dumps(connect))
+    assert rows[-1]["activity_name"] == "disconnect"
+    assert not evidence.directory.exists()
