@@ -51,11 +51,31 @@ class ApprovalRule(Strict):
     allow_self_approval: bool = False
 
 
+GUARDRAIL_MATCH_KEYS = frozenset({"classes", "commands", "tables", "functions", "no_where", "denied_functions",
+                                  "copy_program", "copy_file", "multi_statement", "regex", "unparsable"})
+STATEMENT_CLASSES = frozenset({"read", "write", "ddl", "dcl", "transaction", "copy", "utility", "procedural"})
+
+
 class GuardrailRule(Strict):
+    """Matches what a statement does; every condition given must hold (lists: any element)."""
+
     name: str = Field(pattern=NAME_PATTERN)
     action: Literal["allow", "block", "require_approval", "log"]
     match: dict[str, Any] = Field(default_factory=dict)
     description: str = ""
+
+    @field_validator("match")
+    @classmethod
+    def _known_conditions(cls, value: dict[str, Any]) -> dict[str, Any]:
+        unknown = sorted(set(value) - GUARDRAIL_MATCH_KEYS)
+        if unknown:
+            raise ValueError(f"unknown match conditions {unknown}; known: {sorted(GUARDRAIL_MATCH_KEYS)}")
+        bad = sorted(set(value.get("classes") or ()) - STATEMENT_CLASSES)
+        if bad:
+            raise ValueError(f"unknown statement classes {bad}")
+        if "regex" in value:
+            re.compile(value["regex"])
+        return value
 
 
 class MaskRule(Strict):

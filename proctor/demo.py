@@ -97,13 +97,14 @@ def _psql_through_gateway(state: dict[str, Any]) -> None:
     conn = grant["connection"]
     gateway = state["gateway"]
     _step("5. The pipeline runs its statements with psql through the gateway (TLS verified; the grant is the "
-          "password; the gateway injects app_rw's real password)")
+          "password; the gateway injects app_rw's real password; the policy's guardrails stop the DROP)")
     env = {k: v for k, v in os.environ.items() if not k.startswith("PG")} | {
         "PGHOST": conn["host"], "PGPORT": str(conn["port"]), "PGUSER": conn["user"], "PGPASSWORD": grant["token"],
         "PGDATABASE": conn["database"], "PGSSLMODE": "verify-full", "PGSSLROOTCERT": gateway["ca_file"]}
     script = ("SELECT current_user AS backend_role, count(*) AS customers FROM customers;\n"
               "INSERT INTO orders (customer_id, amount, status) VALUES (1, 99.50, 'deployed');\n"
               "UPDATE orders SET status = 'shipped' WHERE id = 1;\n"
+              "DROP TABLE customers;\n"
               "SELECT 1/0;\n")
     _show("$ eval \"$(proctor grant --target demo-pg --format env)\"   # PGHOST, PGPORT, PGUSER, PGPASSWORD, ...")
     _show("$ psql <<'SQL'\n" + script + "SQL")
@@ -115,11 +116,11 @@ def _evidence(state: dict[str, Any]) -> None:
     _step("6. The auditor's view: every statement, tied to the pipeline run and who triggered it "
           "(OCSF events in S3 under Object Lock, queried with Athena SQL — here on DuckDB)")
     sql = ("SELECT time_iso, actor_subject, pipeline_repository AS repo, pipeline_run_id AS run, "
-           "pipeline_actor AS triggered_by, backend_user, statement, command_tag, rows, sqlstate "
-           "FROM proctor_evidence.events WHERE class_uid = 6005 AND activity_name = 'query' "
-           "AND pipeline_run_id = '42' ORDER BY session_id, seq")
+           "pipeline_actor AS triggered_by, backend_user, activity_name AS activity, statement, command_tag, rows, "
+           "sqlstate, rule FROM proctor_evidence.events WHERE class_uid = 6005 "
+           "AND activity_name IN ('query', 'block') AND pipeline_run_id = '42' ORDER BY session_id, seq")
     _show(f'$ proctor evidence query "{sql}"')
-    result = _wait_for_rows(state, sql, at_least=4)
+    result = _wait_for_rows(state, sql, at_least=5)
     from proctor.evidence_query import format_result
 
     _show(format_result(result, "table"))

@@ -17,6 +17,7 @@ from control_plane.contract import (
     EventTemplate,
     GrantClaims,
 )
+from data_plane.core.guardrails import BLOCK, REQUIRE_APPROVAL, Verdict
 
 _CLASSES = {"postgres": CLASS_DATASTORE_ACTIVITY, "mysql": CLASS_DATASTORE_ACTIVITY, "ssh": CLASS_SSH_ACTIVITY}
 
@@ -41,6 +42,7 @@ class Statement:
     finished_mono: float | None = None
     skipped: bool = False  # not run: an earlier error in the same pipeline aborted it
     kind: str = "query"
+    verdict: Verdict | None = None  # what the guardrails said, when a rule matched
 
     @property
     def duration_ms(self) -> float | None:
@@ -111,8 +113,13 @@ class SessionInfo:
             details["skipped"] = "not executed: an earlier statement in the pipeline failed"
         if statement.error:
             details["error"] = statement.error
+        verdict = statement.verdict
+        stopped = verdict is not None and verdict.action in (BLOCK, REQUIRE_APPROVAL)
+        if verdict is not None and verdict.matched:
+            details["guardrail"] = {"action": verdict.action, "rules": list(verdict.matched)}
         return self.event(
-            "query", status=STATUS_FAILURE if failed else STATUS_SUCCESS, details=details or None,
+            "block" if stopped else "query", status=STATUS_FAILURE if failed else STATUS_SUCCESS,
+            details=details or None, rule=verdict.rule if verdict is not None else None,
             statement=statement.text, command_tag=statement.command_tag, rows=statement.rows,
             bytes=statement.bytes, duration_ms=statement.duration_ms, sqlstate=statement.sqlstate,
             status_detail=statement.error, now=statement.started,

@@ -17,6 +17,8 @@ import struct
 import time
 from typing import Any
 
+import orjson
+
 from control_plane.contract import (
     CLASS_AUTHENTICATION,
     STATUS_FAILURE,
@@ -29,7 +31,8 @@ from data_plane import metrics
 from data_plane.core.context import GatewayContext
 from data_plane.core.control_plane_client import ControlPlaneError
 from data_plane.core.credentials import Credential
-from data_plane.core.recording import FROM_CLIENT, FROM_GATEWAY, FROM_SERVER, WIRE, WIRE_REDACTED
+from data_plane.core.guardrails import ALLOW, Verdict
+from data_plane.core.recording import EVENT, FROM_CLIENT, FROM_GATEWAY, FROM_SERVER, META, WIRE, WIRE_REDACTED
 from data_plane.core.redact import might_hold_secret, redact_conninfo, redact_statement
 from data_plane.core.registry import CancelTarget
 from data_plane.core.session import SessionInfo, Statement, new_session_id
@@ -38,6 +41,7 @@ from data_plane.postgres import backend as pg_backend
 from data_plane.postgres import messages as m
 from data_plane.postgres.auth import BackendAuthError
 from data_plane.postgres.framescan import FrameError, FrameTooLarge, scan_frames
+from data_plane.postgres.guard import guard_for, refusal, refused_parse, refused_query, stops
 from data_plane.postgres.tracker import StatementTracker
 
 log = logging.getLogger("proctor.gateway.postgres")
@@ -48,6 +52,7 @@ SERVER_SKIP = b"Dd"  # DataRow and CopyData from the server likewise
 SERVER_DECODED = frozenset(b"CEZIst")
 CLIENT_DECODED = frozenset(b"QPBESFCDHX")
 REDACTABLE = frozenset(b"QPB")  # Query, Parse, Bind: where a secret can travel in the clear
+GUARDED = frozenset(b"QPF")  # Query, Parse, FunctionCall: what guardrails judge
 WRITE_HIGH_WATER = 1 << 20
 
 
@@ -356,6 +361,14 @@ class Relay:
         assert self.evidence is not None
         self.record = self.evidence.recording.append  # the hot path calls the writer directly
         self.max_len = session.ctx.config.max_message_bytes
+        grant = session.info.grant
+        # No guardrails in the grant: no statement is parsed at all (the fast path stays fast).
+        self.guard = guard_for(grant.guardrails) if grant is not None else None
+        self.policy_label = f"{grant.policy_name} v{grant.policy_version}" if grant is not None else ""
+        self.standard_strings = True
+        for frame_bytes in backend.startup_frames:
+            if frame_bytes[:1] == b"S":
+                self.parameter_status(frame_bytes[5:])
         self.client: asyncio.Transport | None = None
         self.server: asyncio.Transport | None = None
         self.client_tail = b""
@@ -404,13 +417,20 @@ class Relay:
         chunk = buf if end == len(buf) else buf[:end]
         redact = False
         tracker = self.tracker
+        guard = self.guard
+        stopped: list[tuple[int, int, bytes, Verdict]] = []
         try:
             for msg_type, offset, size, _ in events:
                 if msg_type in CLIENT_DECODED:
                     body = chunk[offset + 5:offset + size]
                     if msg_type in REDACTABLE and might_hold_secret(body):
                         redact = True
-                    tracker.client_message(msg_type, body)
+                    verdict = text = None
+                    if guard is not None and msg_type in GUARDED:
+                        verdict, replacement, text = self.judge(msg_type, body)
+                        if replacement is not None:
+                            stopped.append((offset, size, replacement, verdict))  # type: ignore[arg-type]
+                    tracker.client_message(msg_type, body, verdict, text)
         except m.ProtocolViolation as exc:
             self.fail_protocol("08P01", f"protocol violation: {exc}")
             return
@@ -420,8 +440,14 @@ class Relay:
             self.record(FROM_CLIENT, WIRE_REDACTED, _redacted(chunk, events))
         else:
             self.record(FROM_CLIENT, WIRE, chunk)
+        forwarded = chunk
+        if stopped:
+            forwarded = _replace_frames(chunk, [(o, s, r) for o, s, r, _ in stopped])
+            for *_, verdict in stopped:
+                self.record(META, EVENT, orjson.dumps({"guardrail": verdict.action, "rule": verdict.rule,
+                                                       "reason": verdict.reason, "relayed": "refused statement"}))
         self.session.info.bytes_in += end
-        self.server.write(chunk)  # type: ignore[union-attr]
+        self.server.write(forwarded)  # type: ignore[union-attr]
         self.client_tail = buf[end:] if end < len(buf) else b""
 
     # server → client ---------------------------------------------------------------------------
@@ -441,6 +467,7 @@ class Relay:
         tracker = self.tracker
         now = time.monotonic()
         pos = rows = 0
+        rewritten: list[tuple[int, int, bytes]] = []
         try:
             for msg_type, offset, size, skipped in events:
                 rows += skipped
@@ -451,7 +478,14 @@ class Relay:
                     # Bytes up to and including this message belong to the statement it answers.
                     tracker.server_bytes(offset + size - pos)
                     pos = offset + size
-                    tracker.server_message(msg_type, chunk[offset + 5:offset + size], now)
+                    answered = tracker.server_message(msg_type, chunk[offset + 5:offset + size], now)
+                    if answered is not None and answered.verdict is not None and stops(answered.verdict):
+                        refused = refusal(answered.verdict, policy=self.policy_label)
+                        fields = m.error_fields(refused[5:])
+                        answered.sqlstate, answered.error = fields["C"], fields["M"]
+                        rewritten.append((offset, size, refused))
+                elif msg_type == 0x53 and self.guard is not None:  # ParameterStatus
+                    self.parameter_status(chunk[offset + 5:offset + size])
         except m.ProtocolViolation as exc:
             self.fail_protocol("08P01", f"the target sent an invalid message: {exc}")
             return
@@ -460,10 +494,44 @@ class Relay:
             tracker.rows(rows)
         if end > pos:
             tracker.server_bytes(end - pos)
+        if rewritten:
+            # The backend refused the placeholder the gateway sent instead of a blocked statement:
+            # the client hears why, in the backend's place.
+            chunk = _replace_frames(chunk, rewritten)
         self.record(FROM_SERVER, WIRE, chunk)
         self.session.info.bytes_out += end
         self.client.write(chunk)  # type: ignore[union-attr]
         self.server_tail = buf[end:] if end < len(buf) else b""
+
+    # guardrails -------------------------------------------------------------------------------
+    def judge(self, msg_type: int, body: bytes) -> tuple[Verdict | None, bytes | None, str | None]:
+        """(verdict when a rule had something to say, replacement frame when the statement stops,
+        a Query's decoded text)."""
+        guard = self.guard
+        assert guard is not None
+        text = None
+        if msg_type == 0x51:  # Query
+            text = m.parse_query(body)
+            verdict = guard.check(text) if self.standard_strings else guard.guardrails.evaluate(None, text)
+            replacement = refused_query()
+        elif msg_type == 0x50:  # Parse
+            parsed = m.parse_parse(body)
+            verdict = guard.check(parsed.query) if self.standard_strings else guard.guardrails.evaluate(
+                None, parsed.query)
+            replacement = refused_parse(parsed.statement)
+        else:  # FunctionCall by OID: nothing to parse, so it is judged as unparsable
+            verdict = guard.guardrails.evaluate(None, f"<function call {m.parse_function_call(body)}>")
+            replacement = refused_query()
+        if verdict.action == ALLOW and not verdict.matched:
+            return None, None, text
+        return verdict, replacement if stops(verdict) else None, text
+
+    def parameter_status(self, body: bytes) -> None:
+        name, value = m.parse_parameter_status(body)
+        if name == "standard_conforming_strings":
+            # With backslash escapes in plain strings the gateway's parser would read statements
+            # differently from the server: every statement then counts as unparsable.
+            self.standard_strings = value == "on"
 
     # control ------------------------------------------------------------------------------------
     def pause_reading(self, from_client: bool) -> None:
@@ -505,6 +573,17 @@ class Relay:
         self.close_backend()
         if self.client is not None:
             self.client.close()
+
+
+def _replace_frames(chunk: bytes, replacements: list[tuple[int, int, bytes]]) -> bytes:
+    """`chunk` with the frames at (offset, size) replaced, in order."""
+    parts: list[bytes] = []
+    pos = 0
+    for offset, size, replacement in replacements:
+        parts += [chunk[pos:offset], replacement]
+        pos = offset + size
+    parts.append(chunk[pos:])
+    return b"".join(parts)
 
 
 def _redacted(chunk: bytes, events: list[tuple[int, int, int, int]]) -> bytes:

@@ -10,6 +10,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from data_plane.core.guardrails import Verdict
 from data_plane.core.redact import might_hold_secret, redact_conninfo, redact_statement
 from data_plane.core.session import Statement
 from data_plane.postgres import messages as m
@@ -24,6 +25,7 @@ class _Group:
     cursor: int = 0  # the statement the next response belongs to
     parse_text: str | None = None  # the last Parse of the group, for an error before any Execute
     failed: bool = False
+    parse_verdict: Verdict | None = None
     described: list[str] = field(default_factory=list)  # statements whose ParameterDescription is due
 
     def current(self) -> Statement | None:
@@ -64,6 +66,7 @@ class StatementTracker:
         self.on_complete = on_complete
         self.record_parameters = record_parameters
         self.prepared: dict[str, m.Parse] = {}
+        self.verdicts: dict[str, Verdict | None] = {}
         self.portals: dict[str, tuple[str, m.Bind]] = {}
         self.groups: deque[_Group] = deque()
         self._open: _Group | None = None  # extended-protocol group awaiting its Sync
@@ -77,15 +80,22 @@ class StatementTracker:
             self.groups.append(self._open)
         return self._open
 
-    def client_message(self, msg_type: int, body: bytes) -> None:
+    def client_message(self, msg_type: int, body: bytes, verdict: Verdict | None = None,
+                       text: str | None = None) -> None:
+        """`verdict`: the guardrails' judgement of a Query, Parse or FunctionCall, when one applied;
+        `text`: a Query's text when the caller decoded it already."""
         if msg_type == 0x51:  # Q
-            group = _Group(simple=True, statements=[Statement(redact_statement(m.parse_query(body)))])
+            query = m.parse_query(body) if text is None else text
+            group = _Group(simple=True, statements=[Statement(redact_statement(query), verdict=verdict)])
             self.groups.append(group)
             self._copy_in = group.statements[0]
         elif msg_type == 0x50:  # P
             parsed = m.parse_parse(body)
             self.prepared[parsed.statement] = parsed
-            self._extended_group().parse_text = parsed.query
+            self.verdicts[parsed.statement] = verdict
+            group = self._extended_group()
+            group.parse_text = parsed.query
+            group.parse_verdict = verdict
         elif msg_type == 0x42:  # B
             bind = m.parse_bind(body)
             self.portals[bind.portal] = (bind.statement, bind)
@@ -100,7 +110,7 @@ class StatementTracker:
                 types = parsed.param_types if parsed else ()
                 params = [_parameter(v, bind.param_format(i), types[i] if i < len(types) else 0)
                           for i, v in enumerate(bind.params)]
-            statement = Statement(redact_statement(text), parameters=params)
+            statement = Statement(redact_statement(text), parameters=params, verdict=self.verdicts.get(statement_name))
             self._extended_group().statements.append(statement)
             self._copy_in = statement
         elif msg_type == 0x53:  # S
@@ -108,7 +118,8 @@ class StatementTracker:
             self._open = None
         elif msg_type == 0x46:  # F
             oid = m.parse_function_call(body)
-            self.groups.append(_Group(simple=True, statements=[Statement(f"<function call {oid}>", kind="function")]))
+            self.groups.append(_Group(simple=True, statements=[
+                Statement(f"<function call {oid}>", kind="function", verdict=verdict)]))
         elif msg_type == 0x43:  # C (Close)
             kind, name = m.parse_close_or_describe(body)
             (self.prepared if kind == "S" else self.portals).pop(name, None)
@@ -144,10 +155,11 @@ class StatementTracker:
         if statement is not None:
             statement.bytes += count
 
-    def server_message(self, msg_type: int, body: bytes, now: float) -> None:
+    def server_message(self, msg_type: int, body: bytes, now: float) -> Statement | None:
+        """Returns the statement an ErrorResponse answers (the relay may rewrite that error)."""
         group = self._head()
         if group is None:
-            return
+            return None
         statement = group.current()
         if msg_type == 0x43:  # C CommandComplete
             tag = m.parse_command_complete(body)
@@ -172,7 +184,8 @@ class StatementTracker:
             self._take_rows(statement)
             if statement is None and not group.simple and not group.failed:
                 # The error answers a Parse/Bind before any Execute of this group.
-                statement = Statement(redact_statement(group.parse_text or "<unknown>"), kind="parse")
+                statement = Statement(redact_statement(group.parse_text or "<unknown>"), kind="parse",
+                                      verdict=group.parse_verdict)
                 group.statements.append(statement)
             if statement is not None:
                 statement.sqlstate = fields.get("C")
@@ -182,6 +195,7 @@ class StatementTracker:
                     for later in group.statements[group.cursor:]:
                         later.skipped = True
                     group.failed = True
+            return statement
         elif msg_type == 0x74:  # t ParameterDescription: the types a binary parameter decodes by
             if group.described:
                 name = group.described.pop(0)

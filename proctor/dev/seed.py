@@ -93,6 +93,27 @@ def seed_config(config: ConfigStore, *, issuer_url: str, pg_host: str, pg_port: 
         config.put_policy(policy.model_dump(), author="seed")
 
 
+PIPELINE_GUARDRAILS: list[dict[str, Any]] = [
+    {"name": "no-ddl", "action": "block", "match": {"classes": ["ddl"]},
+     "description": "pipelines do not change the schema outside migrations"},
+    {"name": "no-dcl", "action": "block", "match": {"classes": ["dcl"]},
+     "description": "roles and privileges are managed by the platform team"},
+    {"name": "no-side-effect-functions", "action": "block", "match": {"denied_functions": True},
+     "description": "functions that reach outside the query (files, other sessions, settings) are not allowed"},
+    {"name": "no-copy-program", "action": "block", "match": {"copy_program": True},
+     "description": "COPY to or from a server program is not allowed"},
+    {"name": "no-unscoped-writes", "action": "block", "match": {"commands": ["UPDATE", "DELETE"], "no_where": True},
+     "description": "UPDATE and DELETE need a WHERE clause"},
+    {"name": "log-writes", "action": "log", "match": {"classes": ["write"]}},
+]
+READER_GUARDRAILS: list[dict[str, Any]] = [
+    {"name": "read-only", "action": "block", "match": {"classes": ["write", "ddl", "dcl", "procedural"]},
+     "description": "this policy grants read access only"},
+    {"name": "no-side-effect-functions", "action": "block", "match": {"denied_functions": True},
+     "description": "functions that reach outside the query (files, other sessions, settings) are not allowed"},
+]
+
+
 def demo_policies(issuer_url: str) -> list[PolicySpec]:
     approvers: dict[str, Any] = {"approver_groups": ["approvers"], "approvals_required": 1,
                                  "timeout_seconds": 900}
@@ -102,13 +123,13 @@ def demo_policies(issuer_url: str) -> list[PolicySpec]:
             description="CI pipelines of acme/app deploy to demo-pg",
             subjects=[{"issuer": issuer_url, "claims": {"repository": "acme/app"}}],
             targets=[DEMO_TARGET], backend_role=ROLE_RW, access="read_write",
-            max_session_seconds=3600, approval=approvers,
+            max_session_seconds=3600, approval=approvers, guardrails=PIPELINE_GUARDRAILS,
         ),
         PolicySpec(
             name="engineers-read",
             description="Engineers read demo-pg",
             subjects=[{"issuer": issuer_url, "groups": ["engineers"]}],
             targets=[DEMO_TARGET], backend_role=ROLE_RO, access="read",
-            max_session_seconds=3600, approval=approvers,
+            max_session_seconds=3600, approval=approvers, guardrails=READER_GUARDRAILS,
         ),
     ]

@@ -1,0 +1,117 @@
+"""Guardrails on the PostgreSQL data path: each Query, Parse and FunctionCall is judged before it
+is relayed. Verdicts are cached by statement shape (PostgreSQL's own fingerprint: literal values do
+not change it) and by exact text, and shared by the sessions of one policy version.
+
+A blocked statement never reaches the backend as written: its text is replaced by one the server
+refuses at parse time, so the server itself keeps the protocol state right (the error-until-Sync
+rule of the extended protocol, an open transaction turning aborted), and the gateway rewrites that
+error into `42501` naming the rule."""
+
+from __future__ import annotations
+
+import json
+from collections import OrderedDict
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from data_plane.core.guardrails import ALLOWED, BLOCK, REQUIRE_APPROVAL, Guardrails, StatementFacts, Verdict
+from data_plane.postgres import messages as m
+from data_plane.postgres.classify import Unparsable, classify, fingerprint
+
+# What the backend is sent instead of a blocked statement: rejected by its parser, nothing runs.
+REFUSED_TEXT = "PROCTOR_BLOCKED_STATEMENT"
+CACHE_SIZE = 20_000
+
+
+class _Lru(OrderedDict[str, Any]):
+    def __init__(self, size: int) -> None:
+        super().__init__()
+        self.size = size
+
+    def get_fresh(self, key: str) -> Any:
+        value = self.get(key)
+        if value is not None:
+            self.move_to_end(key)
+        return value
+
+    def put(self, key: str, value: Any) -> None:
+        self[key] = value
+        if len(self) > self.size:
+            self.popitem(last=False)
+
+
+class StatementGuard:
+    def __init__(self, rules: Sequence[Mapping[str, Any]]) -> None:
+        self.guardrails = Guardrails(rules)
+        self._by_text = _Lru(CACHE_SIZE)
+        self._by_shape = _Lru(CACHE_SIZE)
+        self.hits = self.misses = 0
+
+    def check(self, text: str) -> Verdict:
+        """The verdict on one statement text (which may hold several statements)."""
+        by_text = not self.guardrails.needs_text  # regex rules look at the literal text itself
+        if by_text:
+            verdict = self._by_text.get_fresh(text)
+            if verdict is not None:
+                self.hits += 1
+                return verdict
+        shape = fingerprint(text)
+        cached = self._by_shape.get_fresh(shape) if shape else None
+        if cached is not None:
+            self.hits += 1
+            verdict = cached if by_text else self.guardrails.evaluate(cached, text)
+        else:
+            self.misses += 1
+            try:
+                facts: Sequence[StatementFacts] | None = classify(text)
+            except Unparsable:
+                facts = None
+            if facts is None:
+                verdict = self.guardrails.evaluate(None, text)
+            elif not facts:  # nothing but comments or semicolons: PostgreSQL answers EmptyQueryResponse
+                verdict = ALLOWED
+            else:
+                verdict = self.guardrails.evaluate(facts, text)
+            # Facts that depend on literal values (a harmless set_config) are cached by exact text only.
+            if shape and facts is not None and not any(f.literal_sensitive for f in facts):
+                self._by_shape.put(shape, verdict if by_text else facts)
+        if by_text:
+            self._by_text.put(text, verdict)
+        return verdict
+
+
+_guards: dict[str, StatementGuard] = {}
+
+
+def guard_for(rules: Sequence[Mapping[str, Any]]) -> StatementGuard | None:
+    """The shared guard of a rule set (one per policy version in practice); None without rules."""
+    if not rules:
+        return None
+    key = json.dumps(list(rules), sort_keys=True)
+    guard = _guards.get(key)
+    if guard is None:
+        guard = _guards[key] = StatementGuard(rules)
+    return guard
+
+
+def stops(verdict: Verdict) -> bool:
+    # Holding a statement for approval is the approval workflow's; until a gateway can hold, it refuses.
+    return verdict.action in (BLOCK, REQUIRE_APPROVAL)
+
+
+def refusal(verdict: Verdict, *, policy: str) -> bytes:
+    """The ErrorResponse the client gets for a stopped statement."""
+    if verdict.action == REQUIRE_APPROVAL:
+        message = f'statement requires approval under Proctor rule "{verdict.rule}": {verdict.reason}'
+    else:
+        message = f'statement blocked by Proctor rule "{verdict.rule}": {verdict.reason}'
+    return m.error_response("42501", message, detail=f"policy {policy}",
+                            hint="ask an administrator of your Proctor policy")
+
+
+def refused_query() -> bytes:
+    return m.query(REFUSED_TEXT)
+
+
+def refused_parse(statement: str) -> bytes:
+    return m.frame(b"P", m.cstring(statement) + m.cstring(REFUSED_TEXT) + b"\x00\x00")
