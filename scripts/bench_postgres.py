@@ -1,0 +1,936 @@
+#!/usr/bin/env python3
+"""Benchmark the PostgreSQL data path in one run, against the same hermetic PostgreSQL of the local
+stack: direct (plaintext TCP, SCRAM) vs pgbouncer (session pooling, plaintext) vs pgbouncer with client
+TLS required vs the Proctor gateway (TLS, full recording). Prints a table and writes BENCHMARKS.md at the
+repository root.
+
+    .venv/bin/python scripts/bench_postgres.py [--duration 10] [--quick] [--skip-gateway]
+
+See scripts/README.md for what is measured and how.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import datetime as dt
+import json
+import math
+import os
+import platform
+import pwd
+import re
+import resource
+import shutil
+import signal
+import socket
+import ssl
+import statistics
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import psycopg
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))  # run as a plain script from anywhere
+
+from proctor.dev import aws as dev_aws  # noqa: E402
+from proctor.dev import seed  # noqa: E402
+from proctor.dev.postgres import find_bindir, free_port  # noqa: E402
+from proctor.dev.stack import down, read_state, state_dir, up, write_state  # noqa: E402
+from proctor.dev.tls import make_ca_and_server_cert  # noqa: E402
+
+# pgbouncer+tls: pgbouncer as above but requiring client TLS, as the gateway does (like-for-like on TLS).
+PATHS = ("direct", "pgbouncer", "pgbouncer+tls", "gateway")
+NOISY_LOAD = 1.5  # 1-min load average at the start above which the run warns that figures will be noisy
+SSL_REQUEST = struct.pack("!ii", 8, 80877103)
+SELECT_SQL = "SELECT * FROM pgbench_accounts"
+COPY_SQL = "COPY pgbench_accounts TO STDOUT"
+PGBOUNCER_POOL_SIZE = 20
+PGBOUNCER_MAX_CLIENTS = 2000
+
+# Every secret the run handles; scrub() removes them from anything printed or written.
+SECRETS: list[str] = []
+
+
+def scrub(text: str) -> str:
+    for secret in SECRETS:
+        if secret:
+            text = text.replace(secret, "***")
+    return text
+
+
+def log(message: str) -> None:
+    print(f"» {scrub(message)}", flush=True)
+
+
+# ------------------------------------------------------------------------------------------------
+# where the clients connect
+# ------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Endpoint:
+    name: str
+    host: str
+    port: int
+    user: str
+    password: str
+    sslmode: str
+    database: str = seed.DEMO_DATABASE
+    pid: int | None = None  # the process whose RSS the idle-session measurement reads
+
+    def env(self) -> dict[str, str]:
+        """libpq's environment for psql and pgbench (the password never goes on a command line)."""
+        return os.environ | {"PGHOST": self.host, "PGPORT": str(self.port), "PGUSER": self.user,
+                             "PGPASSWORD": self.password, "PGDATABASE": self.database,
+                             "PGSSLMODE": self.sslmode, "PGCONNECT_TIMEOUT": "30"}
+
+    def kwargs(self) -> dict[str, Any]:
+        return {"host": self.host, "port": self.port, "user": self.user, "password": self.password,
+                "dbname": self.database, "sslmode": self.sslmode, "connect_timeout": 30}
+
+
+@dataclass
+class Figure:
+    value: float | None = None
+    error: str | None = None
+    note: str = ""
+
+
+@dataclass
+class Bench:
+    args: argparse.Namespace
+    state: dict[str, Any]
+    endpoints: dict[str, Endpoint] = field(default_factory=dict)
+    unavailable: dict[str, str] = field(default_factory=dict)  # path → why it is not measured
+    results: dict[str, dict[str, Figure]] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    payload_bytes: dict[str, int] = field(default_factory=dict)
+    load_at_start: tuple[float, float, float] = field(default_factory=os.getloadavg)
+    suite_loads: list[tuple[str, tuple[float, float, float]]] = field(default_factory=list)
+    pgbouncer_tls_source: str = ""
+
+    def record(self, key: str, path: str, figure: Figure) -> None:
+        self.results.setdefault(key, {})[path] = figure
+
+
+def tool(name: str) -> str:
+    found = shutil.which(name) or str(find_bindir() / name)
+    if not Path(found).exists():
+        raise RuntimeError(f"{name} not found: install postgresql-client / the postgresql package")
+    return found
+
+
+# ------------------------------------------------------------------------------------------------
+# the local stack, the backend and its data
+# ------------------------------------------------------------------------------------------------
+
+
+def raise_open_files_limit(needed: int) -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < needed:
+        target = needed if hard == resource.RLIM_INFINITY else min(needed, hard)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+
+
+def start_stack(directory: Path, *, with_gateway: bool) -> dict[str, Any]:
+    down(directory)  # a stale stack (perhaps without a gateway) must not be reused
+    try:
+        return up(directory, with_gateway=with_gateway)
+    except RuntimeError as exc:
+        if not with_gateway:
+            raise
+        print(f"!! the stack did not start with the gateway; retrying without it:\n{exc}", flush=True)
+        return up(directory, with_gateway=False)
+
+
+def backend_password(state: dict[str, Any]) -> str:
+    sm = dev_aws.client(state["aws_endpoint"], "secretsmanager")
+    secret = json.loads(sm.get_secret_value(SecretId=seed.demo_secret_name(seed.ROLE_RW))["SecretString"])
+    return str(secret["password"])
+
+
+def server_user_kwargs() -> dict[str, Any]:
+    """PostgreSQL and pgbouncer refuse to run as root: run them as `postgres` when we are root."""
+    if os.geteuid() != 0:
+        return {}
+    user = pwd.getpwnam("postgres")
+    return {"user": user.pw_uid, "group": user.pw_gid, "extra_groups": []}
+
+
+def superuser_sql(state: dict[str, Any], sql: str) -> str:
+    pg = state["postgres"]
+    out = subprocess.run([tool("psql"), "-X", "-q", "-A", "-t", "-v", "ON_ERROR_STOP=1", "-h", pg["socket_dir"],
+                          "-p", str(pg["port"]), "-U", "postgres", "-d", pg["database"], "-c", sql],
+                         capture_output=True, text=True, check=False, timeout=60)
+    if out.returncode != 0:
+        raise RuntimeError(f"psql (superuser) failed: {out.stderr.strip()}")
+    return out.stdout.strip()
+
+
+def ensure_max_connections(state: dict[str, Any], needed: int, directory: Path) -> str:
+    """1,000 idle gateway sessions may each hold a backend connection: raise max_connections (restart)."""
+    current = int(superuser_sql(state, "SHOW max_connections"))
+    if current >= needed:
+        return f"PostgreSQL max_connections = {current}"
+    superuser_sql(state, f"ALTER SYSTEM SET max_connections = {needed}")
+    pg_dir = Path(state["postgres"]["dir"])
+    data = pg_dir / "data"
+    out = subprocess.run([str(find_bindir() / "pg_ctl"), "-D", str(data), "-l", str(pg_dir / "postgres.log"),
+                          "-w", "-t", "60", "-m", "fast", "restart"],
+                         capture_output=True, text=True, check=False, cwd=str(pg_dir), timeout=120,
+                         **server_user_kwargs())
+    if out.returncode != 0:
+        raise RuntimeError(f"pg_ctl restart failed: {out.stderr.strip() or out.stdout.strip()}")
+    new_pid = int((data / "postmaster.pid").read_text().split()[0])
+    state["pids"]["postgres"] = new_pid
+    write_state(directory, state)  # so `proctor dev down` stops the restarted server too
+    return f"PostgreSQL max_connections raised from {current} to {needed} (ALTER SYSTEM + restart)"
+
+
+def stop_restarted_postgres(state: dict[str, Any]) -> None:
+    """Stop the server before `down` removes its directory (the supervisor only knows the old pid)."""
+    data = Path(state["postgres"]["dir"]) / "data"
+    if (data / "postmaster.pid").exists():
+        subprocess.run([str(find_bindir() / "pg_ctl"), "-D", str(data), "-w", "-m", "fast", "stop"],
+                       capture_output=True, check=False, cwd=str(data.parent), timeout=60, **server_user_kwargs())
+
+
+def init_pgbench(direct: Endpoint, scale: int) -> None:
+    # Server-side generation (G) is the fast path for 1M rows; v = vacuum analyze, p = primary keys.
+    out = subprocess.run([tool("pgbench"), "-i", "-s", str(scale), "-I", "dtGvp"], env=direct.env(),
+                         capture_output=True, text=True, check=False, timeout=900)
+    if out.returncode != 0:
+        raise RuntimeError(f"pgbench -i failed: {scrub(out.stderr.strip())}")
+
+
+def measure_payload_bytes(direct: Endpoint) -> dict[str, int]:
+    """Bytes on the wire of the result: DataRows for the SELECT, CopyData for the COPY (text format)."""
+    with psycopg.connect(**direct.kwargs()) as conn:
+        rows, fields = conn.execute(
+            "SELECT count(*), sum(octet_length(aid::text) + octet_length(bid::text)"
+            " + octet_length(abalance::text) + coalesce(octet_length(filler), 2)) FROM pgbench_accounts"
+        ).fetchone()
+    # DataRow: type 1 + length 4 + column count 2 + 4 x column length 4; CopyData: 5 + 3 tabs + newline.
+    return {"rows": int(rows), "select": int(fields) + 23 * int(rows), "copy": int(fields) + 9 * int(rows)}
+
+
+def count_backends(state: dict[str, Any]) -> int:
+    return int(superuser_sql(state, "SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'client backend'"
+                                    " AND pid <> pg_backend_pid()"))
+
+
+# ------------------------------------------------------------------------------------------------
+# pgbouncer
+# ------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class PgBouncer:
+    proc: subprocess.Popen[bytes]
+    port: int
+    workdir: Path
+    tls_source: str = ""  # where its client TLS certificate came from (empty: plaintext)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)  # no client is left by then: any shutdown mode will do
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        shutil.rmtree(self.workdir, ignore_errors=True)
+
+
+def pgbouncer_config(pg: dict[str, Any], port: int, workdir: Path, *, tls: bool = False) -> str:
+    # Client TLS only (the server side stays plaintext, as for every path); protocols and ciphers are
+    # pgbouncer's defaults. Clients use sslmode=require, which does not verify, as for the gateway.
+    client_tls = (f"client_tls_sslmode = require\nclient_tls_cert_file = {workdir / 'server.pem'}\n"
+                  f"client_tls_key_file = {workdir / 'server-key.pem'}\n") if tls else ""
+    return f"""[databases]
+{pg['database']} = host={pg['host']} port={pg['port']} dbname={pg['database']}
+
+[pgbouncer]
+listen_addr = 127.0.0.1
+listen_port = {port}
+unix_socket_dir =
+auth_type = scram-sha-256
+auth_file = {workdir / 'userlist.txt'}
+pool_mode = session
+max_client_conn = {PGBOUNCER_MAX_CLIENTS}
+default_pool_size = {PGBOUNCER_POOL_SIZE}
+logfile = {workdir / 'pgbouncer.log'}
+{client_tls}"""
+
+
+def install_tls_files(workdir: Path, stack_tls: Path | None) -> str:
+    """Put server.pem / server-key.pem in pgbouncer's workdir: the stack gateway's own certificate and key
+    (proctor.dev.gateway keeps them in <state dir>/tls), or, without a gateway, a fresh one of the same kind."""
+    if stack_tls and (stack_tls / "server.pem").exists() and (stack_tls / "server-key.pem").exists():
+        shutil.copyfile(stack_tls / "server.pem", workdir / "server.pem")
+        shutil.copyfile(stack_tls / "server-key.pem", workdir / "server-key.pem")
+        return f"the gateway's certificate and key ({stack_tls})"
+    generated = make_ca_and_server_cert(workdir / "tls")
+    shutil.copyfile(generated["cert_file"], workdir / "server.pem")
+    shutil.copyfile(generated["key_file"], workdir / "server-key.pem")
+    shutil.rmtree(workdir / "tls")
+    return "a certificate generated like the gateway's (proctor.dev.tls: ECDSA P-256), the stack has none"
+
+
+def start_pgbouncer(state: dict[str, Any], password: str, *, tls: bool = False,
+                    stack_tls: Path | None = None) -> PgBouncer:
+    binary = shutil.which("pgbouncer") or "/usr/sbin/pgbouncer"
+    if not Path(binary).exists():
+        raise RuntimeError("pgbouncer not installed: `bash scripts/install-system-deps.sh pgbouncer`")
+    workdir = Path(tempfile.mkdtemp(prefix="proctor-bench-pgbouncer-tls-" if tls else "proctor-bench-pgbouncer-"))
+    port = free_port()
+    # A plaintext password in the userlist lets pgbouncer do SCRAM with the client and with the backend.
+    (workdir / "userlist.txt").write_text(f'"{seed.ROLE_RW}" "{password}"\n')
+    (workdir / "pgbouncer.ini").write_text(pgbouncer_config(state["postgres"], port, workdir, tls=tls))
+    files = [workdir / "userlist.txt", workdir / "pgbouncer.ini"]
+    tls_source = ""
+    if tls:
+        try:
+            tls_source = install_tls_files(workdir, stack_tls)
+        except Exception:
+            shutil.rmtree(workdir, ignore_errors=True)
+            raise
+        files += [workdir / "server.pem", workdir / "server-key.pem"]
+    user = server_user_kwargs()  # pgbouncer runs as postgres when we are root: it must read all of these
+    for path in (workdir, *files):
+        path.chmod(0o700 if path.is_dir() else 0o600)
+        if user:
+            os.chown(path, user["user"], user["group"])
+    proc = subprocess.Popen([binary, str(workdir / "pgbouncer.ini")], stdin=subprocess.DEVNULL,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True, **user)
+    bouncer = PgBouncer(proc, port, workdir, tls_source)
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            tail = (workdir / "pgbouncer.log").read_text(errors="replace")[-1500:]
+            bouncer.stop()
+            raise RuntimeError(f"pgbouncer exited: {tail}")
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.2):
+            return bouncer
+        time.sleep(0.05)
+    bouncer.stop()
+    raise RuntimeError("pgbouncer did not listen within 15 s")
+
+
+def pgbouncer_version() -> str:
+    binary = shutil.which("pgbouncer") or "/usr/sbin/pgbouncer"
+    try:
+        return subprocess.run([binary, "--version"], capture_output=True, text=True, check=False).stdout.split("\n")[0]
+    except OSError:
+        return "not installed"
+
+
+# ------------------------------------------------------------------------------------------------
+# the gateway
+# ------------------------------------------------------------------------------------------------
+
+
+def gateway_problem(state: dict[str, Any]) -> str | None:
+    """Why the gateway cannot be benchmarked, or None when it answers TLS on its port."""
+    gateway = state.get("gateway") or {}
+    if not (state.get("pids") or {}).get("gateway"):
+        return "the local stack started no gateway process (proctor.dev.gateway is not there yet?)"
+    if not gateway.get("ca_file"):
+        return "the stack state has no gateway.ca_file"
+    try:
+        with socket.create_connection((gateway["host"], gateway["port"]), timeout=5) as sock:
+            sock.sendall(SSL_REQUEST)
+            answer = sock.recv(1)
+            if answer != b"S":
+                return f"the gateway answered {answer!r} to SSLRequest instead of b'S'"
+            context = ssl.create_default_context(cafile=gateway["ca_file"])
+            context.check_hostname = False  # only that TLS works; libpq's sslmode=require does the same
+            with context.wrap_socket(sock, server_hostname=gateway["host"]):
+                pass
+    except (OSError, ssl.SSLError) as exc:
+        return f"no TLS on the gateway port {gateway['host']}:{gateway['port']}: {exc}"
+    return None
+
+
+def request_grant(state: dict[str, Any]) -> dict[str, Any]:
+    from proctor.api_client import ApiClient
+    from proctor.dev.oidc_issuer import DevIssuer
+
+    token = DevIssuer(Path(state["oidc_key"]), state["oidc_issuer"]).mint(
+        "ci", claims={"repository": "acme/app", "run_id": "bench", "actor": "bench"})
+    status, grant = ApiClient(state["api_url"], token).post("/v1/grants", {"target": seed.DEMO_TARGET,
+                                                                           "reason": "benchmark"})
+    if status != 201:
+        raise RuntimeError(f"no grant: the control plane answered {status}")
+    return grant
+
+
+def gateway_endpoint(state: dict[str, Any]) -> Endpoint:
+    grant = request_grant(state)
+    SECRETS.append(grant["token"])
+    conn = grant["connection"]
+    return Endpoint("gateway", conn["host"], int(conn["port"]), conn["user"], grant["token"], "require",
+                    database=conn.get("database") or seed.DEMO_DATABASE, pid=state["pids"]["gateway"])
+
+
+# ------------------------------------------------------------------------------------------------
+# the measurements
+# ------------------------------------------------------------------------------------------------
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+
+
+def pgbench_tps(ep: Endpoint, protocol: str, clients: int, threads: int, duration: int) -> Figure:
+    argv = [tool("pgbench"), "-n", "-S", f"--protocol={protocol}", "-c", str(clients), "-j", str(threads),
+            "-T", str(duration)]
+    proxy = ep.pid if ep.name != "direct" else None  # direct's work is in forked backends, not one process
+    cpu_before, started = (cpu_seconds(proxy) if proxy else 0.0), time.monotonic()
+    out = subprocess.run(argv, env=ep.env(), capture_output=True, text=True, check=False, timeout=duration + 120)
+    cpu_share = (cpu_seconds(proxy) - cpu_before) / (time.monotonic() - started) if proxy else None
+    match = re.search(r"^tps = ([\d.]+)", out.stdout, re.MULTILINE)
+    if out.returncode != 0 or not match:
+        raise RuntimeError(f"pgbench exit {out.returncode}: {(out.stderr or out.stdout).strip()[-400:]}")
+    latency = re.search(r"^latency average = ([\d.]+ ms)", out.stdout, re.MULTILINE)
+    failed = re.search(r"^number of failed transactions: (\d+)", out.stdout, re.MULTILINE)
+    note = f"latency avg {latency.group(1)}" if latency else ""
+    if failed and failed.group(1) != "0":
+        note += f", {failed.group(1)} failed transactions"
+    if cpu_share is not None:
+        note += f", {ep.name} process CPU {cpu_share:.0%} of one core"
+    return Figure(float(match.group(1)), note=note)
+
+
+def psql_wall_times(ep: Endpoint, sql: str, repeat: int) -> list[float]:
+    """Wall time of a psql process that reads everything and discards it (includes its connect)."""
+    argv = [tool("psql"), "-X", "-q", "-A", "-t", "-v", "ON_ERROR_STOP=1", "-o", "/dev/null", "-c", sql]
+    times = []
+    for _ in range(repeat):
+        started = time.perf_counter()
+        out = subprocess.run(argv, env=ep.env(), capture_output=True, text=True, check=False, timeout=600)
+        elapsed = time.perf_counter() - started
+        if out.returncode != 0:
+            raise RuntimeError(f"psql exit {out.returncode}: {out.stderr.strip()[-400:]}")
+        times.append(elapsed)
+    return times
+
+
+def transfer_figures(ep: Endpoint, sql: str, repeat: int, payload: int) -> tuple[Figure, Figure]:
+    times = psql_wall_times(ep, sql, repeat)
+    wall = statistics.median(times)
+    spread = ", ".join(f"{t:.2f}" for t in times)
+    return Figure(wall, note=f"runs {spread} s"), Figure(payload / 1e6 / wall)
+
+
+def percentile(values: list[float], pct: float) -> float:
+    ordered = sorted(values)
+    rank = math.ceil(pct / 100 * len(ordered)) - 1  # nearest rank
+    return ordered[max(0, min(len(ordered) - 1, rank))]
+
+
+def connect_latencies(ep: Endpoint, count: int) -> list[float]:
+    """Sequential connect + SELECT 1 + close, in milliseconds."""
+    samples = []
+    for _ in range(count):
+        started = time.perf_counter()
+        with psycopg.connect(**ep.kwargs()) as conn:
+            conn.execute("SELECT 1").fetchone()
+        samples.append((time.perf_counter() - started) * 1000)
+    return samples
+
+
+def vm_rss_kib(pid: int) -> int:
+    match = re.search(r"^VmRSS:\s+(\d+) kB", Path(f"/proc/{pid}/status").read_text(), re.MULTILINE)
+    return int(match.group(1)) if match else 0
+
+
+def descendants(pid: int) -> list[int]:
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+            children.setdefault(ppid, []).append(int(stat.parent.name))
+    found, todo = [], list(children.get(pid, []))
+    while todo:
+        found.append(todo.pop())
+        todo.extend(children.get(found[-1], []))
+    return found
+
+
+def rss_kib(pid: int) -> tuple[int, int, int]:
+    """VmRSS (KiB) of the process alone, of it with its descendants, and how many descendants."""
+    own = vm_rss_kib(pid)
+    others = 0
+    kids = descendants(pid)
+    for child in kids:
+        with contextlib.suppress(OSError):
+            others += vm_rss_kib(child)
+    return own, own + others, len(kids)
+
+
+async def open_connections(ep: Endpoint, count: int, concurrency: int) -> tuple[list[Any], list[str]]:
+    gate = asyncio.Semaphore(concurrency)
+    conns: list[Any] = []
+    errors: list[str] = []
+
+    async def one() -> None:
+        async with gate:
+            try:
+                conns.append(await psycopg.AsyncConnection.connect(**ep.kwargs()))
+            except (psycopg.Error, OSError) as exc:
+                errors.append(str(exc).strip())
+
+    await asyncio.gather(*(one() for _ in range(count)))
+    return conns, errors
+
+
+async def close_connections(conns: list[Any]) -> None:
+    await asyncio.gather(*(conn.close() for conn in conns), return_exceptions=True)
+
+
+async def idle_session_cost(bench: Bench, ep: Endpoint, count: int) -> Figure:
+    if not ep.pid:
+        raise RuntimeError("no pid to measure")
+    warm, _ = await open_connections(ep, 20, 20)  # first sessions pay one-off allocations
+    await close_connections(warm)
+    await asyncio.sleep(1.0)
+    own_before, before, _ = rss_kib(ep.pid)
+    backends_before = count_backends(bench.state)
+    conns, errors = await open_connections(ep, count, bench.args.connect_concurrency)
+    try:
+        await asyncio.sleep(2.0)  # let the server settle (buffers, recorder spool)
+        own_after, after, kids = rss_kib(ep.pid)
+        backends_after = count_backends(bench.state)
+    finally:
+        await close_connections(conns)
+    if not conns:
+        raise RuntimeError(f"no session opened: {errors[0] if errors else '?'}")
+    opened = len(conns)
+    note = f"{opened}/{count} sessions open; RSS of pid {ep.pid} {own_before / 1024:.1f} → {own_after / 1024:.1f} MiB"
+    if kids:
+        note += (f" ({(own_after - own_before) / opened:.1f} KiB/session), with its {kids} child process(es) "
+                 f"{before / 1024:.1f} → {after / 1024:.1f} MiB (the figure)")
+    note += f"; PostgreSQL client backends {backends_before} → {backends_after}"
+    if errors:
+        note += f"; {len(errors)} failed, first: {errors[0][:200]}"
+    return Figure((after - before) / opened, note=note)
+
+
+# ------------------------------------------------------------------------------------------------
+# running them
+# ------------------------------------------------------------------------------------------------
+
+
+def attempt(bench: Bench, keys: list[str], path: str, run: Callable[[], Figure | tuple[Figure, ...]]) -> None:
+    """One measurement of one path: a failure becomes the table cell, never the end of the run."""
+    if path in bench.unavailable:
+        for key in keys:
+            bench.record(key, path, Figure(error="unavailable"))
+        return
+    log(f"{keys[0]} via {path}")
+    try:
+        figures = run()
+    except Exception as exc:  # every failure is a result to report
+        message = scrub(f"{type(exc).__name__}: {exc}".strip())
+        print(f"   failed: {message}", flush=True)
+        for key in keys:
+            bench.record(key, path, Figure(error=message))
+        return
+    for key, figure in zip(keys, figures if isinstance(figures, tuple) else (figures,), strict=True):
+        bench.record(key, path, figure)
+        print(f"   {key}: {figure.value:.2f}" + (f"  ({scrub(figure.note)})" if figure.note else ""), flush=True)
+
+
+def suite_start(bench: Bench, suite: str) -> None:
+    """Print (and keep, for the report) the load average as a suite begins: the machine is shared."""
+    load = os.getloadavg()
+    bench.suite_loads.append((suite, load))
+    log(f"── {suite} suite — load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} (1, 5, 15 min) "
+        f"on {os.cpu_count()} cores")
+
+
+def run_pgbench_suite(bench: Bench) -> None:
+    suite_start(bench, "pgbench")
+    duration = bench.args.duration
+    warm = bench.endpoints["direct"]
+    with contextlib.suppress(RuntimeError, subprocess.TimeoutExpired):  # warms index and buffers, not recorded
+        pgbench_tps(warm, "simple", 2, 2, min(duration, 3))
+    for protocol in ("simple", "prepared"):
+        for clients, threads in ((1, 1), (8, 2)):
+            key = f"pgbench-{protocol}-c{clients}"
+            for path in PATHS:
+                attempt(bench, [key], path, lambda p=path, pr=protocol, c=clients, t=threads:
+                        pgbench_tps(bench.endpoints[p], pr, c, t, duration))
+
+
+def run_transfer_suite(bench: Bench) -> None:
+    suite_start(bench, "transfer")
+    with contextlib.suppress(RuntimeError, subprocess.TimeoutExpired):  # page cache warm-up, not recorded
+        psql_wall_times(bench.endpoints["direct"], SELECT_SQL, 1)
+    for name, sql in (("select", SELECT_SQL), ("copy", COPY_SQL)):
+        for path in PATHS:
+            attempt(bench, [f"{name}-wall", f"{name}-mbps"], path, lambda p=path, s=sql, n=name:
+                    transfer_figures(bench.endpoints[p], s, bench.args.repeat, bench.payload_bytes[n]))
+
+
+def latency_figures(ep: Endpoint, count: int) -> tuple[Figure, Figure]:
+    samples = connect_latencies(ep, count)
+    note = f"{count} sequential, mean {statistics.fmean(samples):.2f} ms, max {max(samples):.2f} ms"
+    return Figure(percentile(samples, 50), note=note), Figure(percentile(samples, 99))
+
+
+def run_connect_suite(bench: Bench) -> None:
+    suite_start(bench, "connect")
+    for path in PATHS:
+        attempt(bench, ["connect-p50", "connect-p99"], path,
+                lambda p=path: latency_figures(bench.endpoints[p], bench.args.connections))
+
+
+def run_idle_suite(bench: Bench) -> None:
+    suite_start(bench, "idle")
+    for path in PATHS:
+        if path == "direct":
+            bench.record("idle-kib", path, Figure(error="n/a"))  # a backend per session is PostgreSQL's cost
+            continue
+        attempt(bench, ["idle-kib"], path,
+                lambda p=path: asyncio.run(idle_session_cost(bench, bench.endpoints[p], bench.args.idle_sessions)))
+
+
+# ------------------------------------------------------------------------------------------------
+# the report
+# ------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Row:
+    key: str
+    label: str
+    digits: int
+    target: tuple[str, str, float] | None = None  # (ratio or value, comparison, threshold)
+
+
+def rows(bench: Bench) -> list[Row]:
+    d = bench.args.duration
+    return [
+        Row("pgbench-simple-c1", f"pgbench -S simple, 1 client, {d} s (TPS)", 0),
+        Row("pgbench-simple-c8", f"pgbench -S simple, 8 clients, {d} s (TPS)", 0, ("gateway/pgbouncer", ">=", 1.0)),
+        Row("pgbench-prepared-c1", f"pgbench -S prepared, 1 client, {d} s (TPS)", 0),
+        Row("pgbench-prepared-c8", f"pgbench -S prepared, 8 clients, {d} s (TPS)", 0,
+            ("gateway/pgbouncer", ">=", 1.0)),
+        Row("select-wall", "1M-row SELECT, wall time (s)", 2),
+        Row("select-mbps", "1M-row SELECT (MB/s)", 1, ("gateway/direct", ">=", 0.8)),
+        Row("copy-wall", "COPY OUT 1M rows, wall time (s)", 2),
+        Row("copy-mbps", "COPY OUT 1M rows (MB/s)", 1, ("gateway/direct", ">=", 0.8)),
+        Row("connect-p50", "connect + SELECT 1 + close, p50 (ms)", 2),
+        Row("connect-p99", "connect + SELECT 1 + close, p99 (ms)", 2),
+        Row("idle-kib", f"RSS per idle session, {bench.args.idle_sessions} sessions (KiB)", 1,
+            ("gateway", "<=", 50.0)),
+    ]
+
+
+def cell(figure: Figure | None, digits: int) -> str:
+    if figure is None:
+        return "—"
+    if figure.error:
+        return "n/a" if figure.error in ("n/a", "unavailable") else "error¹"
+    return f"{figure.value:,.{digits}f}"
+
+
+def ratio(figures: dict[str, Figure], top: str, bottom: str) -> float | None:
+    a, b = figures.get(top), figures.get(bottom)
+    if not a or not b or a.value is None or b.value is None or not b.value:
+        return None
+    return a.value / b.value
+
+
+def target_status(row: Row, figures: dict[str, Figure]) -> str:
+    if row.target is None:
+        return ""
+    subject, op, threshold = row.target
+    if "/" in subject:
+        value = ratio(figures, *subject.split("/"))
+    else:
+        value = figures.get(subject).value if figures.get(subject) else None
+    wanted = f"{subject} {'≥' if op == '>=' else '≤'} " + (f"{threshold:.1f}x" if "/" in subject else f"{threshold:g}")
+    if value is None:
+        return f"{wanted}: not measured"
+    met = value >= threshold if op == ">=" else value <= threshold
+    return f"{wanted}: {'met' if met else 'MISSED'}"
+
+
+def render_table(bench: Bench) -> str:
+    def fmt_ratio(value: float | None) -> str:
+        return "—" if value is None else f"{value:.2f}x"
+
+    # gateway/pgbouncer (plaintext) is the issue's target; gateway/pgbouncer+tls compares like for like on TLS.
+    pairs = (("pgbouncer", "direct"), ("gateway", "direct"), ("gateway", "pgbouncer"), ("gateway", "pgbouncer+tls"))
+    header = [*PATHS, *(f"{a}/{b}" for a, b in pairs)]
+    lines = [f"| measurement | {' | '.join(header)} | target |", "|---|" + "--:|" * len(header) + "---|"]
+    for row in rows(bench):
+        figures = bench.results.get(row.key, {})
+        values = [cell(figures.get(p), row.digits) for p in PATHS]
+        ratios = [fmt_ratio(ratio(figures, a, b)) for a, b in pairs]
+        lines.append(f"| {row.label} | {' | '.join(values)} | {' | '.join(ratios)} | {target_status(row, figures)} |")
+    return "\n".join(lines)
+
+
+def render_details(bench: Bench) -> str:
+    lines = []
+    for row in rows(bench):
+        for path in PATHS:
+            figure = bench.results.get(row.key, {}).get(path)
+            if figure and figure.note:
+                lines.append(f"- {row.label}, {path}: {figure.note}")
+    errors = [f"- {row.label}, {path}: {figure.error}" for row in rows(bench) for path in PATHS
+              if (figure := bench.results.get(row.key, {}).get(path)) and figure.error
+              and figure.error not in ("n/a", "unavailable")]
+    if errors:
+        lines += ["", "¹ Errors:", *errors]
+    return scrub("\n".join(lines))
+
+
+def first_line(argv: list[str]) -> str:
+    try:
+        return subprocess.run(argv, capture_output=True, text=True, check=False).stdout.split("\n")[0].strip()
+    except OSError as exc:
+        return f"unknown ({exc})"
+
+
+def machine_info(bench: Bench) -> list[tuple[str, str]]:
+    cpuinfo = Path("/proc/cpuinfo").read_text()
+    model = re.search(r"^model name\s*:\s*(.+)$", cpuinfo, re.MULTILINE)
+    mem = re.search(r"^MemTotal:\s+(\d+) kB", Path("/proc/meminfo").read_text(), re.MULTILINE)
+    os_release = re.search(r'^PRETTY_NAME="?([^"\n]+)', Path("/etc/os-release").read_text(), re.MULTILINE)
+    try:
+        pg_version = superuser_sql(bench.state, "SELECT version()")
+    except RuntimeError as exc:
+        pg_version = f"unknown ({exc})"
+    return [
+        ("date", dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")),
+        ("CPU", model.group(1).strip() if model else platform.processor() or "unknown"),
+        ("cores", str(os.cpu_count())),
+        ("RAM", f"{int(mem.group(1)) / 1024 / 1024:.1f} GiB" if mem else "unknown"),
+        ("OS / kernel", f"{os_release.group(1) if os_release else platform.system()} / {platform.release()}"),
+        ("PostgreSQL", pg_version),
+        ("pgbench", first_line([tool("pgbench"), "--version"])),
+        ("psql", first_line([tool("psql"), "--version"])),
+        ("pgbouncer", pgbouncer_version()),
+        ("load average (1, 5, 15 min)", "at start {:.2f} {:.2f} {:.2f}, at end {:.2f} {:.2f} {:.2f}".format(
+            *bench.load_at_start, *os.getloadavg())),
+        ("load average before each suite", "; ".join(
+            f"{suite} {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}" for suite, load in bench.suite_loads) or "—"),
+        ("Python", f"{platform.python_version()} (psycopg {psycopg.__version__}, libpq {psycopg.pq.version()})"),
+    ]
+
+
+def parameters(bench: Bench) -> list[str]:
+    a = bench.args
+    payload = bench.payload_bytes
+    return [
+        f"pgbench: `pgbench -n -S --protocol={{simple,prepared}} -c 1 -j 1` and `-c 8 -j 2`, `-T {a.duration}`, "
+        f"scale {a.scale} (`pgbench -i -s {a.scale} -I dtGvp` as `app_rw`); one unrecorded warm-up run first",
+        f"1M-row SELECT: `psql -X -q -A -t -o /dev/null -c \"{SELECT_SQL}\"`, median of {a.repeat} runs, wall time "
+        f"of the psql process (its connect included); MB/s = {payload.get('select', 0):,} bytes of DataRow "
+        f"messages ({payload.get('rows', 0):,} rows) / wall time, 1 MB = 10⁶ bytes",
+        f"COPY OUT: `psql -X -q -A -t -o /dev/null -c \"{COPY_SQL}\"`, median of {a.repeat} runs; MB/s = "
+        f"{payload.get('copy', 0):,} bytes of CopyData messages / wall time",
+        f"connection setup: {a.connections} sequential psycopg `connect()` + `SELECT 1` + `close()` per path",
+        f"idle sessions: {a.idle_sessions} psycopg AsyncConnections opened {a.connect_concurrency} at a time and "
+        "left idle; RSS = VmRSS from /proc/<pid>/status of the server process plus its descendants (the "
+        "gateway's shipper child; pgbouncer has none), read after a "
+        "20-connection warm-up and again 2 s after all sessions are open; KiB per session = growth / sessions opened",
+        "direct: TCP to 127.0.0.1, `sslmode=disable`, SCRAM-SHA-256 as `app_rw`",
+        f"pgbouncer: session pooling, `default_pool_size = {PGBOUNCER_POOL_SIZE}`, `max_client_conn = "
+        f"{PGBOUNCER_MAX_CLIENTS}`, `auth_type = scram-sha-256` (plaintext userlist), `sslmode=disable`, "
+        "otherwise defaults",
+        "pgbouncer+tls: a second pgbouncer process, the same settings plus `client_tls_sslmode = require`, "
+        f"`client_tls_cert_file`/`client_tls_key_file` = {bench.pgbouncer_tls_source or 'the gateway certificate'}, "
+        "TLS protocols and ciphers at pgbouncer's defaults; clients use `sslmode=require` (no certificate "
+        "verification, as for the gateway); pgbouncer to PostgreSQL stays plaintext",
+        "gateway: the local stack's gateway (`proctor dev up`) with its default full recording, "
+        "`sslmode=require` (the gateway terminates client TLS, as pgbouncer+tls does; direct and pgbouncer are "
+        "plaintext), user = grant id, password = grant JWT",
+        "everything (clients, pgbouncer, gateway, PostgreSQL, moto) shares the same cores",
+    ]
+
+
+def render_report(bench: Bench) -> str:
+    machine = "\n".join(f"| {k} | {v} |" for k, v in machine_info(bench))
+    params = "\n".join(f"- {p}" for p in parameters(bench))
+    notes = "\n".join(f"- {n}" for n in bench.notes) or "- none"
+    command = "scripts/bench_postgres.py " + " ".join(sys.argv[1:])
+    return scrub(f"""# PostgreSQL data path benchmarks
+
+Direct vs pgbouncer (session pooling) vs pgbouncer with client TLS vs the Proctor gateway (TLS, full
+recording), one run against the same hermetic PostgreSQL. Generated by `{command.strip()}`; ratios are
+path ÷ path of the figure as shown (for TPS and MB/s above 1x is faster, for times and latencies above 1x
+is slower).
+
+{render_table(bench)}
+
+## Details
+
+{render_details(bench) or "- none"}
+
+## Notes
+
+{notes}
+
+## Machine
+
+| | |
+|---|---|
+{machine}
+
+## Parameters
+
+{params}
+""")
+
+
+# ------------------------------------------------------------------------------------------------
+# main
+# ------------------------------------------------------------------------------------------------
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--duration", type=int, default=10, help="seconds per pgbench run (default 10)")
+    parser.add_argument("--quick", action="store_true",
+                        help="smoke run: 3 s pgbench runs, 200 idle sessions, one run per transfer")
+    parser.add_argument("--skip-gateway", action="store_true",
+                        help="measure direct and the two pgbouncers only")
+    parser.add_argument("--scale", type=int, default=10, help="pgbench scale (10 = 1M accounts)")
+    parser.add_argument("--repeat", type=int, default=3, help="runs per SELECT / COPY (median reported)")
+    parser.add_argument("--connections", type=int, default=200, help="sequential connects for the latency")
+    parser.add_argument("--idle-sessions", type=int, default=1000)
+    parser.add_argument("--connect-concurrency", type=int, default=50, help="idle sessions opened at a time")
+    parser.add_argument("--state-dir", default=str(REPO / ".proctor" / "bench"))
+    parser.add_argument("--output", default=str(REPO / "BENCHMARKS.md"))
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.duration, args.idle_sessions, args.repeat = 3, 200, 1
+    return args
+
+
+def prepare(bench: Bench, directory: Path) -> None:
+    state = bench.state
+    password = backend_password(state)
+    SECRETS.append(password)
+    pg = state["postgres"]
+    bench.endpoints["direct"] = Endpoint("direct", pg["host"], int(pg["port"]), seed.ROLE_RW, password, "disable",
+                                         pid=state["pids"]["postgres"])
+    bench.notes.append(ensure_max_connections(state, bench.args.idle_sessions + 100, directory))
+    log(f"pgbench -i -s {bench.args.scale}")
+    init_pgbench(bench.endpoints["direct"], bench.args.scale)
+    bench.payload_bytes = measure_payload_bytes(bench.endpoints["direct"])
+
+
+def prepare_pgbouncer(bench: Bench, name: str, directory: Path, bouncers: list[PgBouncer]) -> None:
+    """pgbouncer (plaintext) or pgbouncer+tls (client TLS required): each its own process and port."""
+    tls = name == "pgbouncer+tls"
+    direct = bench.endpoints["direct"]
+    try:
+        bouncer = start_pgbouncer(bench.state, direct.password, tls=tls, stack_tls=directory / "tls")
+    except Exception as exc:  # the other paths are still worth measuring
+        bench.unavailable[name] = scrub(str(exc))
+        print(f"!! {name} not benchmarked: {bench.unavailable[name]}", flush=True)
+        return
+    bouncers.append(bouncer)
+    if tls:
+        bench.pgbouncer_tls_source = bouncer.tls_source
+    bench.endpoints[name] = Endpoint(name, "127.0.0.1", bouncer.port, seed.ROLE_RW, direct.password,
+                                     "require" if tls else "disable", pid=bouncer.proc.pid)
+
+
+def negotiated_tls(ep: Endpoint) -> str:
+    """The TLS protocol and cipher libpq negotiated with the endpoint (psql's \\conninfo)."""
+    out = subprocess.run([tool("psql"), "-X", "-q", "-c", "\\conninfo"], env=ep.env(), capture_output=True,
+                         text=True, check=False, timeout=60)
+    match = re.search(r"SSL connection \(protocol: ([^,]+), cipher: ([^,)]+)", out.stdout)
+    if match:
+        return f"{match.group(1)} {match.group(2)}"
+    return "no TLS?" if out.returncode == 0 else f"unknown (psql exit {out.returncode})"
+
+
+def prepare_gateway(bench: Bench) -> None:
+    if bench.args.skip_gateway:
+        bench.unavailable["gateway"] = "skipped (--skip-gateway)"
+        return
+    problem = gateway_problem(bench.state)
+    if problem is None:
+        try:
+            bench.endpoints["gateway"] = gateway_endpoint(bench.state)
+            return
+        except Exception as exc:  # a missing grant is a reason to report, not to abort
+            problem = scrub(f"could not get a grant: {type(exc).__name__}: {exc}")
+    print(f"!! gateway not benchmarked: {problem}", flush=True)
+    bench.unavailable["gateway"] = problem
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    raise_open_files_limit(args.idle_sessions * 2 + 256)
+    load = os.getloadavg()  # before the stack adds its own
+    busy_warning = ""
+    if load[0] > NOISY_LOAD:
+        busy_warning = (f"!! WARNING: the machine is busy — 1-min load average {load[0]:.2f} on {os.cpu_count()} "
+                        f"cores (above {NOISY_LOAD}) before the run starts: every figure will be noisy and the "
+                        "comparison unreliable; rerun on an idle machine for figures worth publishing")
+        print(busy_warning, flush=True)
+    log(f"load average at start {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} (1, 5, 15 min) on {os.cpu_count()} cores")
+    directory = state_dir(args.state_dir)
+    log(f"starting the local stack in {directory}")
+    state = start_stack(directory, with_gateway=not args.skip_gateway)
+    bench = Bench(args, state, load_at_start=load)
+    if bench.load_at_start[0] > 1.0:  # other work on the machine skews every figure
+        bench.notes.append(f"the machine was busy at the start (1-min load {bench.load_at_start[0]:.2f} on "
+                           f"{os.cpu_count()} cores): expect noise")
+    bench.notes.append("the gateway requires client TLS (it terminates it) while direct and pgbouncer are measured "
+                       "in plaintext, so gateway/direct and gateway/pgbouncer include the cost of client TLS; the "
+                       "pgbouncer+tls column (the same pgbouncer, client TLS required) is there to compare like "
+                       "for like: gateway/pgbouncer+tls. The target stays gateway/pgbouncer (plaintext)")
+    bouncers: list[PgBouncer] = []
+    try:
+        prepare(bench, directory)
+        prepare_pgbouncer(bench, "pgbouncer", directory, bouncers)
+        prepare_pgbouncer(bench, "pgbouncer+tls", directory, bouncers)
+        prepare_gateway(bench)
+        tls_paths = [p for p in ("pgbouncer+tls", "gateway") if p in bench.endpoints]
+        if tls_paths:
+            bench.notes.append("client TLS negotiated (psql `\\conninfo`, sslmode=require): " + "; ".join(
+                f"{p} {negotiated_tls(bench.endpoints[p])}" for p in tls_paths))
+        bench.notes += [f"{path} not measured: {why}" for path, why in bench.unavailable.items()]
+        run_pgbench_suite(bench)
+        run_transfer_suite(bench)
+        run_connect_suite(bench)
+        run_idle_suite(bench)
+        report = render_report(bench)
+        Path(args.output).write_text(report)
+        print("\n" + render_table(bench) + "\n\n" + render_details(bench) + f"\n\nwritten to {args.output}")
+        if busy_warning:
+            print(busy_warning, flush=True)  # again, so that it is next to the figures
+    finally:
+        for bouncer in bouncers:
+            bouncer.stop()
+        with contextlib.suppress(Exception):
+            stop_restarted_postgres(read_state(directory) or state)
+        down(directory)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
