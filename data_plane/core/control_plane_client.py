@@ -74,5 +74,13 @@ class ControlPlaneClient:
         path = "/v1/credentials/pending" if pending else "/v1/credentials"
         return self.request("POST", path, {"grant": grant_token, "session_id": session_id})
 
+    def open_approval(self, grant_token: str, session_id: str, statement: str, rule: str | None,
+                      reason: str) -> dict[str, Any]:
+        return self.request("POST", "/v1/gateway/approvals", {
+            "grant": grant_token, "session_id": session_id, "statement": statement, "rule": rule, "reason": reason})
+
+    def approval(self, approval_id: str) -> dict[str, Any]:
+        return self.request("GET", f"/v1/gateway/approvals/{approval_id}")
+
     def revocations(self, since: float) -> dict[str, Any]:
         return self.request("GET", f"/v1/gateway/revocations?since={since:.6f}")

@@ -58,6 +58,7 @@ class Verdict:
     rule: str | None = None
     reason: str = ""
     matched: tuple[str, ...] = ()  # every rule that matched, for the evidence
+    approval_id: str | None = None  # set once a held statement's approval was decided
 
     @property
     def blocked(self) -> bool:

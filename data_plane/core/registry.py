@@ -14,6 +14,10 @@ class LiveSession(Protocol):
 
     def terminate(self, code: str, message: str) -> None: ...
 
+    def cancel_hold(self) -> bool:
+        """Cancel a statement the gateway holds for approval; False when none is held."""
+        ...
+
 
 @dataclass(frozen=True)
 class CancelTarget:
@@ -21,6 +25,7 @@ class CancelTarget:
     port: int
     pid: int
     secret: int
+    session: LiveSession | None = None
 
 
 class SessionRegistry:

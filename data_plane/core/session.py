@@ -120,6 +120,7 @@ class SessionInfo:
         return self.event(
             "block" if stopped else "query", status=STATUS_FAILURE if failed else STATUS_SUCCESS,
             details=details or None, rule=verdict.rule if verdict is not None else None,
+            approval_id=verdict.approval_id if verdict is not None else None,
             statement=statement.text, command_tag=statement.command_tag, rows=statement.rows,
             bytes=statement.bytes, duration_ms=statement.duration_ms, sqlstate=statement.sqlstate,
             status_detail=statement.error, now=statement.started,

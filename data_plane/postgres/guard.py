@@ -101,6 +101,9 @@ def stops(verdict: Verdict) -> bool:
 
 def refusal(verdict: Verdict, *, policy: str) -> bytes:
     """The ErrorResponse the client gets for a stopped statement."""
+    if verdict.approval_id is not None:  # a held statement whose approval was denied or expired
+        return m.error_response("42501", verdict.reason, detail=f"approval {verdict.approval_id}, rule "
+                                f'"{verdict.rule}", policy {policy}')
     if verdict.action == REQUIRE_APPROVAL:
         message = f'statement requires approval under Proctor rule "{verdict.rule}": {verdict.reason}'
     else:

@@ -31,7 +31,7 @@ from data_plane import metrics
 from data_plane.core.context import GatewayContext
 from data_plane.core.control_plane_client import ControlPlaneError
 from data_plane.core.credentials import Credential
-from data_plane.core.guardrails import ALLOW, Verdict
+from data_plane.core.guardrails import ALLOW, BLOCK, REQUIRE_APPROVAL, Verdict
 from data_plane.core.recording import EVENT, FROM_CLIENT, FROM_GATEWAY, FROM_SERVER, META, WIRE, WIRE_REDACTED
 from data_plane.core.redact import might_hold_secret, redact_conninfo, redact_statement
 from data_plane.core.registry import CancelTarget
@@ -74,6 +74,7 @@ class PostgresSession:
         self.cancel_key: tuple[int, int] | None = None
         self._terminated: tuple[str, str] | None = None
         self._outcome = "refused"
+        self.grant_token = ""
 
     # ------------------------------------------------------------------------------------------
     async def run(self) -> None:
@@ -83,6 +84,7 @@ class PostgresSession:
             if startup is None:
                 return
             token, grant = await self.authorize(startup)
+            self.grant_token = token
             backend = await self.connect_backend(token, grant, startup)
             await self.run_authorized(backend, grant)
         except SessionEnded:
@@ -139,6 +141,8 @@ class PostgresSession:
         target = self.ctx.registry.cancel_target(request.pid, request.secret)
         if target is None:
             return  # as PostgreSQL does: say nothing about unknown keys
+        if target.session is not None and target.session.cancel_hold():
+            return  # the statement was held at the gateway: the backend never saw it
         with contextlib.suppress(OSError, TimeoutError):
             await pg_backend.send_cancel(target.host, target.port, target.pid, target.secret)
 
@@ -239,7 +243,7 @@ class PostgresSession:
         evidence = self.evidence
         assert evidence is not None
         self.cancel_key = ctx.registry.new_cancel_key(
-            CancelTarget(backend.host, backend.port, backend.pid, backend.secret))
+            CancelTarget(backend.host, backend.port, backend.pid, backend.secret, session=self))
         greeting = b"".join([m.authentication(m.AUTH_OK), *backend.startup_frames,
                              m.backend_key_data(*self.cancel_key), m.ready_for_query(backend.transaction_status)])
         evidence.add_event(self.info.event("connect", details={"credential": self._credential_use,
@@ -262,6 +266,9 @@ class PostgresSession:
         finally:
             expiry.cancel()
             ctx.registry.remove(self, grant.grant_id)
+
+    def cancel_hold(self) -> bool:
+        return self.relay is not None and self.relay.cancel_hold()
 
     def statement_done(self, statement: Statement) -> None:
         self.info.statements += 1
@@ -366,6 +373,8 @@ class Relay:
         self.guard = guard_for(grant.guardrails) if grant is not None else None
         self.policy_label = f"{grant.policy_name} v{grant.policy_version}" if grant is not None else ""
         self.standard_strings = True
+        self.hold: Hold | None = None  # a statement awaiting approval, and everything the client sent after it
+        self.decided: dict[bytes, Verdict] = {}  # approval outcomes, by the held message's bytes
         for frame_bytes in backend.startup_frames:
             if frame_bytes[:1] == b"S":
                 self.parameter_status(frame_bytes[5:])
@@ -401,6 +410,9 @@ class Relay:
     def from_client(self, data: bytes) -> None:
         if self.done.done():
             return
+        if self.hold is not None:  # nothing overtakes a held statement
+            self.hold.buffer += data
+            return
         buf = self.client_tail + data if self.client_tail else data
         try:
             end, events, trailing = scan_frames(buf, 0, CLIENT_SKIP, self.max_len)
@@ -419,8 +431,9 @@ class Relay:
         tracker = self.tracker
         guard = self.guard
         stopped: list[tuple[int, int, bytes, Verdict]] = []
+        held: Hold | None = None
         try:
-            for msg_type, offset, size, _ in events:
+            for index, (msg_type, offset, size, _) in enumerate(events):
                 if msg_type in CLIENT_DECODED:
                     body = chunk[offset + 5:offset + size]
                     if msg_type in REDACTABLE and might_hold_secret(body):
@@ -428,6 +441,15 @@ class Relay:
                     verdict = text = None
                     if guard is not None and msg_type in GUARDED:
                         verdict, replacement, text = self.judge(msg_type, body)
+                        if verdict is not None and verdict.action == REQUIRE_APPROVAL:
+                            # Relay what came before; hold this statement and all that follows it.
+                            held = Hold(bytes(chunk[offset:]) + bytes(buf[end:]), bytes(chunk[offset:offset + size]),
+                                        verdict, text or self.statement_text(msg_type, body))
+                            events = events[:index]
+                            chunk = chunk[:offset]
+                            end = offset
+                            trailing = 0
+                            break
                         if replacement is not None:
                             stopped.append((offset, size, replacement, verdict))  # type: ignore[arg-type]
                     tracker.client_message(msg_type, body, verdict, text)
@@ -436,7 +458,9 @@ class Relay:
             return
         if trailing or any(e[3] for e in events):
             tracker.client_copy_bytes(end)
-        if redact:
+        if not chunk:
+            pass
+        elif redact:
             self.record(FROM_CLIENT, WIRE_REDACTED, _redacted(chunk, events))
         else:
             self.record(FROM_CLIENT, WIRE, chunk)
@@ -447,7 +471,12 @@ class Relay:
                 self.record(META, EVENT, orjson.dumps({"guardrail": verdict.action, "rule": verdict.rule,
                                                        "reason": verdict.reason, "relayed": "refused statement"}))
         self.session.info.bytes_in += end
-        self.server.write(forwarded)  # type: ignore[union-attr]
+        if forwarded:
+            self.server.write(forwarded)  # type: ignore[union-attr]
+        if held is not None:
+            self.client_tail = b""
+            self.start_hold(held)
+            return
         self.client_tail = buf[end:] if end < len(buf) else b""
 
     # server → client ---------------------------------------------------------------------------
@@ -510,6 +539,12 @@ class Relay:
         guard = self.guard
         assert guard is not None
         text = None
+        decided = self.decided.pop(bytes(body), None) if self.decided else None
+        if decided is not None:  # a held statement coming back with its approval's outcome
+            if msg_type == 0x51:
+                text = m.parse_query(body)
+            replacement = (refused_parse(m.parse_parse(body).statement) if msg_type == 0x50 else refused_query())
+            return decided, replacement if stops(decided) else None, text
         if msg_type == 0x51:  # Query
             text = m.parse_query(body)
             verdict = guard.check(text) if self.standard_strings else guard.guardrails.evaluate(None, text)
@@ -525,6 +560,105 @@ class Relay:
         if verdict.action == ALLOW and not verdict.matched:
             return None, None, text
         return verdict, replacement if stops(verdict) else None, text
+
+    @staticmethod
+    def statement_text(msg_type: int, body: bytes) -> str:
+        if msg_type == 0x51:
+            return m.parse_query(body)
+        if msg_type == 0x50:
+            return m.parse_parse(body).query
+        return f"<function call {m.parse_function_call(body)}>"
+
+    # approval holds ------------------------------------------------------------------------------
+    def start_hold(self, hold: Hold) -> None:
+        self.hold = hold
+        if self.client is not None and not self.client.is_closing():
+            self.client.pause_reading()
+        hold.task = asyncio.get_running_loop().create_task(self.await_approval(hold))
+
+    async def await_approval(self, hold: Hold) -> None:
+        """Open an approval, tell the client where to decide, wait for the decision, resume."""
+        session = self.session
+        client = session.ctx.authority.client
+        statement = redact_statement(hold.text)
+        verdict = hold.verdict
+        try:
+            opened = await asyncio.to_thread(client.open_approval, session.grant_token, session.session_id,
+                                             statement, verdict.rule, verdict.reason)
+        except ControlPlaneError as exc:
+            log.warning("approval could not be opened: %s", exc)
+            self.resume(hold, dataclasses.replace(verdict, action=BLOCK, approval_id="none",
+                                                  reason=f"approval could not be requested: {exc.detail or exc}"))
+            return
+        approval_id = str(opened["approval_id"])
+        hold.approval_id = approval_id
+        self.event("approval", status_detail="pending", approval_id=approval_id, rule=verdict.rule,
+                   statement=statement, details={"decision": "requested", "reason": verdict.reason})
+        notice = m.notice_response(
+            f'Proctor: statement held for approval {approval_id} (rule "{verdict.rule}": {verdict.reason})',
+            detail=f"expires at {opened.get('expires_at')}",
+            hint=f"an approver decides with: proctor approvals approve {approval_id}")
+        self.to_client(notice)
+        # The control plane records the expiry; past it (and a grace) the gateway stops waiting anyway.
+        give_up = time.time() + max(0.0, float(opened.get("expires_at") or time.time() + 3600) - time.time()) + 60
+        delay = 0.25
+        status: dict[str, Any] = {"status": "expired"}
+        while time.time() < give_up:
+            await asyncio.sleep(delay)
+            delay = min(delay * 1.5, 3.0)
+            try:
+                current = await asyncio.to_thread(client.approval, approval_id)
+            except ControlPlaneError as exc:
+                log.warning("approval %s status unavailable: %s", approval_id, exc)
+                continue
+            if current.get("status") != "pending":
+                status = current
+                break
+        outcome = str(status["status"])
+        decisions = status.get("decisions") or []
+        deciding = next((d for d in reversed(decisions) if d.get("decision") in ("approve", "deny")), {})
+        who, comment = deciding.get("approver", "?"), deciding.get("comment") or ""
+        self.event("approval", status=STATUS_SUCCESS if outcome == "approved" else STATUS_FAILURE,
+                   status_detail=outcome, approval_id=approval_id, rule=verdict.rule, statement=statement,
+                   details={"decision": outcome, "decisions": decisions})
+        if outcome == "approved":
+            final = dataclasses.replace(verdict, action=ALLOW, approval_id=approval_id,
+                                        reason=f"approved by {', '.join(d.get('approver', '?') for d in decisions)}")
+        elif outcome == "denied":
+            final = dataclasses.replace(verdict, action=BLOCK, approval_id=approval_id,
+                                        reason=f"denied by {who}" + (f": {comment}" if comment else ""))
+        else:
+            final = dataclasses.replace(verdict, action=BLOCK, approval_id=approval_id, reason="approval expired")
+        self.resume(hold, final)
+
+    def resume(self, hold: Hold, outcome: Verdict) -> None:
+        if self.hold is not hold or self.done.done():
+            return
+        self.hold = None
+        self.decided[hold.message[5:]] = outcome
+        self.from_client(hold.buffer)
+        if self.client is not None and not self.client.is_closing() and self.hold is None:
+            self.client.resume_reading()
+
+    def cancel_hold(self) -> bool:
+        hold = self.hold
+        if hold is None:
+            return False
+        if hold.task is not None:
+            hold.task.cancel()
+        self.resume(hold, dataclasses.replace(hold.verdict, action=BLOCK, approval_id=hold.approval_id or "none",
+                                              reason="canceling statement due to user request"))
+        return True
+
+    def event(self, activity: str, **fields: Any) -> None:
+        if self.evidence is not None and not self.evidence.closed:
+            self.evidence.add_event(self.session.info.event(activity, **fields))
+
+    def to_client(self, payload: bytes) -> None:
+        """Something the gateway itself says to the client (between whole frames, always)."""
+        if self.client is not None and not self.client.is_closing():
+            self.record(FROM_GATEWAY, WIRE, payload)
+            self.client.write(payload)
 
     def parameter_status(self, body: bytes) -> None:
         name, value = m.parse_parameter_status(body)
@@ -569,10 +703,24 @@ class Relay:
     def finish(self) -> None:
         if self.done.done():
             return
+        if self.hold is not None and self.hold.task is not None:
+            self.hold.task.cancel()
         self.done.set_result(None)
         self.close_backend()
         if self.client is not None:
             self.client.close()
+
+
+@dataclasses.dataclass
+class Hold:
+    """A statement held until its approval is decided, with the client bytes that followed it."""
+
+    buffer: bytes
+    message: bytes  # the held frame itself
+    verdict: Verdict
+    text: str
+    approval_id: str | None = None
+    task: asyncio.Task[None] | None = None
 
 
 def _replace_frames(chunk: bytes, replacements: list[tuple[int, int, bytes]]) -> bytes:
