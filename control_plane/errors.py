@@ -35,3 +35,8 @@ class Conflict(ProblemError):
 class BadRequest(ProblemError):
     status = 400
     title = "Bad Request"
+
+
+class ServiceUnavailable(ProblemError):
+    status = 503
+    title = "Service Unavailable"

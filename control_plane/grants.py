@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import secrets
 from collections.abc import Mapping
 from typing import Any
 
+from control_plane import approvals
 from control_plane.contract import (
     CLASS_AUTHENTICATION,
     STATUS_SUCCESS,
@@ -13,16 +13,11 @@ from control_plane.contract import (
     Identity,
     evidence_event,
 )
-from control_plane.errors import Forbidden
+from control_plane.errors import Conflict, Forbidden, NotFound
+from control_plane.ids import new_id
 from control_plane.models import GrantRequest
 from control_plane.policy import is_member, select_policy
 from control_plane.runtime import Services, current_audit
-
-_ALPHABET = "abcdefghijkmnpqrstuvwxyz23456789"
-
-
-def new_id(prefix: str, length: int = 16) -> str:
-    return prefix + "".join(secrets.choice(_ALPHABET) for _ in range(length))
 
 
 def connection_details(target: Mapping[str, Any], grant_id: str) -> dict[str, Any]:
@@ -96,27 +91,95 @@ def issue_grant(svc: Services, identity: Identity, target: Mapping[str, Any], po
 
 def open_access_request(svc: Services, identity: Identity, target: Mapping[str, Any],
                         policy: Mapping[str, Any], request: GrantRequest) -> dict[str, Any]:
-    """Record a pending request. The approval workflow that decides it is started elsewhere."""
-    now = int(svc.clock())
-    approval = policy.get("approval") or {}
+    """Record the request and start its approval workflow (an approval of kind "access")."""
+    request_id = new_id("ar")
+    rules = approvals.ApprovalRules.of_policy(policy, svc.settings)
+    approval = approvals.create(
+        svc, kind=approvals.KIND_ACCESS, requester=identity, rules=rules, target=target, policy=policy,
+        reason=request.reason,
+        backend_role=policy.get("backend_role") or target.get("backend_user"), access_request_id=request_id)
     access_request = {
-        "id": new_id("ar"),
-        "status": "pending",
+        "id": request_id,
+        "approval_id": approval.id,
         "identity": identity.to_dict(),
         "target": target["name"],
         "policy": {"name": policy["name"], "version": policy["version"]},
         "reason": request.reason,
         "duration_seconds": request.duration_seconds,
-        "approvals_required": approval.get("approvals_required", 1),
-        "approver_groups": approval.get("approver_groups", []),
-        "created_at": now,
-        "expires_at": now + int(approval.get("timeout_seconds", 3600)),
+        "approvals_required": approval.doc["approvals_required"],
+        "approver_groups": approval.doc["approver_groups"],
+        "created_at": approval.doc["created_at"],
+        "expires_at": approval.doc["expires_at"],
     }
-    svc.state.put_access_request(access_request, expires_at=access_request["expires_at"] + 7 * 86400)
+    svc.state.put_access_request(access_request, expires_at=approval.retain_until)
     audit = current_audit()
     audit.fields.update(target_name=target["name"], policy_name=policy["name"],
-                        policy_version=policy["version"], approval_id=access_request["id"])
-    return {"access_request": access_request}
+                        policy_version=policy["version"], approval_id=approval.id)
+    audit.details["access_request_id"] = request_id
+    return {"access_request": access_request_view(svc, access_request, approval)}
+
+
+def access_request_view(svc: Services, request: Mapping[str, Any],
+                        approval: approvals.Approval | None = None) -> dict[str, Any]:
+    """The request with its approval's status and decisions (and the grant id once fetched)."""
+    approval = approval or approvals.load(svc, request["approval_id"])
+    view = approval.gateway_view(svc.clock())
+    granted = svc.state.access_grant(request["id"])
+    return dict(request) | {k: view[k] for k in ("status", "decisions", "decided_at", "decided_by", "comment")} | {
+        "grant_id": (granted or {}).get("grant_id"), "granted_at": (granted or {}).get("granted_at"),
+        "review_hint": approvals.review_hint(approval)}
+
+
+def same_requester(identity: Identity, requester: Mapping[str, Any]) -> bool:
+    """Issuer and subject; for a pipeline also its repository and run (a branch's subject is shared
+    by all of its runs)."""
+    if identity.issuer != requester["issuer"] or identity.subject != requester["subject"]:
+        return False
+    asked = requester.get("pipeline") or {}
+    return all(identity.pipeline.get(k) == asked.get(k) for k in ("repository", "run_id") if asked.get(k))
+
+
+def fetch_access_grant(svc: Services, identity: Identity, request_id: str) -> dict[str, Any]:
+    """The grant of an approved access request: for its requester, once, within the window after
+    the approval, under the policy version that was approved (if that policy still exists)."""
+    request = svc.state.get_access_request(request_id)
+    if not same_requester(identity, request["identity"]):
+        raise Forbidden("only the requester may fetch the grant of an access request")
+    approval = approvals.load(svc, request["approval_id"])
+    approvals.link_evidence(approval)
+    current_audit().details["access_request_id"] = request_id
+    now = svc.clock()
+    status = approval.status(now)
+    if status != approvals.APPROVED:
+        raise Conflict(f"access request {request_id} is {status}")
+    decided_at = approval.closing(now)[0] or int(now)
+    if now > decided_at + svc.settings.access_grant_window_seconds:
+        raise Conflict(f"the grant of access request {request_id} was not fetched within "
+                       f"{svc.settings.access_grant_window_seconds} s of its approval")
+    name, version = request["policy"]["name"], int(request["policy"]["version"])
+    try:
+        svc.config.get_policy(name)
+    except NotFound:
+        raise Forbidden(f"policy {name} was withdrawn after the request") from None
+    policy = svc.config.get_policy(name, version)
+    target = svc.config.get_target(request["target"])
+    marker = {"claimed_at": int(now), "subject": identity.subject}
+    try:
+        svc.state.claim_access_grant(request_id, marker, expires_at=approval.retain_until)
+    except Conflict:
+        raise Conflict(f"the grant of access request {request_id} was already issued") from None
+    try:
+        grant = issue_grant(svc, identity, target, policy,
+                            GrantRequest(target=target["name"], reason=request.get("reason") or "",
+                                         duration_seconds=request.get("duration_seconds")),
+                            approvals=(approval.id,))
+    except Exception:
+        svc.state.release_access_grant(request_id)
+        raise
+    svc.state.record_access_grant(request_id, marker | {"grant_id": grant["grant_id"], "granted_at": int(now)},
+                                  expires_at=approval.retain_until)
+    current_audit().fields.update(approval_id=approval.id)
+    return grant
 
 
 def can_view_access_request(identity: Identity, request: Mapping[str, Any], svc: Services) -> bool:

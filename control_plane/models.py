@@ -144,3 +144,32 @@ class RevokeRequest(Strict):
 class CredentialRequest(Strict):
     grant: str = Field(min_length=10, max_length=16384)
     session_id: str | None = Field(default=None, max_length=64)
+
+
+class ApprovalRequest(Strict):
+    """A gateway holds a statement and asks for an approval (`POST /v1/gateway/approvals`)."""
+
+    grant: str = Field(min_length=10, max_length=16384)
+    session_id: str | None = Field(default=None, max_length=64)
+    statement: str = Field(min_length=1, max_length=65536)
+    rule: str = Field(min_length=1, max_length=128)
+    reason: str = Field(default="", max_length=1000)
+
+
+class DecisionRequest(Strict):
+    decision: Literal["approve", "deny"]
+    comment: str = Field(default="", max_length=2000)
+
+
+EMAIL_PATTERN = r"^[^@\s]{1,64}@[^@\s]+\.[^@\s]+$"
+
+
+class ApproverMember(Strict):
+    email: str = Field(pattern=EMAIL_PATTERN, max_length=254)
+    subject: str | None = Field(default=None, min_length=1, max_length=512)
+
+
+class ApproverGroupSpec(Strict):
+    """Who receives an approver group's emails (IdP groups carry no addresses)."""
+
+    members: list[ApproverMember] = Field(default_factory=list, max_length=200)

@@ -3,6 +3,7 @@ tests and the local stack), and the per-request audit trail."""
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -26,6 +27,28 @@ from control_plane.signing import GrantSigner
 from control_plane.store import ConfigStore, StateStore, Table
 
 
+class LinkKey:
+    """The HMAC key of approval email links, read from Secrets Manager and kept for a few minutes
+    (a rotated key reaches every container within that time)."""
+
+    def __init__(self, secrets: Any, secret_id: str, *, ttl: float = 300.0) -> None:
+        self._secrets = secrets
+        self._secret_id = secret_id
+        self._ttl = ttl
+        self._value: bytes | None = None
+        self._read_at = 0.0
+        self._lock = threading.Lock()
+
+    def __call__(self) -> bytes:
+        with self._lock:
+            if self._value is None or time.monotonic() - self._read_at > self._ttl:
+                secret = self._secrets.get_secret_value(SecretId=self._secret_id)["SecretString"]
+                if len(secret) < 32:
+                    raise ValueError("the approval link key must be at least 32 characters")
+                self._value, self._read_at = secret.encode(), time.monotonic()
+            return self._value
+
+
 @dataclass
 class Services:
     settings: Settings
@@ -35,6 +58,9 @@ class Services:
     oidc: OidcVerifier
     secrets: Any
     s3: Any
+    sfn: Any = None
+    ses: Any = None
+    link_key: Callable[[], bytes] | None = None
     clock: Callable[[], float] = field(default=time.time)
 
     @classmethod
@@ -42,14 +68,18 @@ class Services:
         session = session or boto3.Session(region_name=settings.region)
         dynamodb = session.client("dynamodb")
         config = ConfigStore(Table(dynamodb, settings.config_table))
+        secrets = session.client("secretsmanager")
         return cls(
             settings=settings,
             config=config,
             state=StateStore(Table(dynamodb, settings.state_table)),
             signer=GrantSigner(session.client("kms"), settings.grant_key_id),
             oidc=OidcVerifier(config.get_issuer),
-            secrets=session.client("secretsmanager"),
+            secrets=secrets,
             s3=session.client("s3"),
+            sfn=session.client("stepfunctions"),
+            ses=session.client("ses"),
+            link_key=LinkKey(secrets, settings.approval_link_key_secret),
         )
 
 

@@ -1,6 +1,6 @@
-"""DynamoDB persistence: configuration (targets, policies, issuers) and request state (grants,
-revocations, access requests). Items keep their document as JSON in `doc` so the table needs no
-schema beyond the `pk`/`sk` keys and no Decimal juggling."""
+"""DynamoDB persistence: configuration (targets, policies, issuers, approver directory) and request
+state (grants, revocations, access requests, approvals). Items keep their document as JSON in
+`doc` so the table needs no schema beyond the `pk`/`sk` keys and no Decimal juggling."""
 
 from __future__ import annotations
 
@@ -16,7 +16,10 @@ from control_plane.errors import Conflict, NotFound
 TARGETS = "TARGETS"
 POLICIES = "POLICIES"
 ISSUERS = "ISSUERS"
+APPROVER_GROUPS = "APPROVER_GROUPS"
 REVOKED = "REVOKED"
+# Approvals are listed from one index partition per creation day; pending ones are at most 7 days old.
+APPROVAL_INDEX_DAYS = 8
 
 
 def _policy_versions_pk(name: str) -> str:
@@ -28,7 +31,7 @@ def _version_sk(version: int) -> str:
 
 
 class Table:
-    """The four operations Proctor needs, over a boto3 DynamoDB client."""
+    """The operations Proctor needs, over a boto3 DynamoDB client."""
 
     def __init__(self, client: Any, name: str) -> None:
         self.client = client
@@ -55,9 +58,15 @@ class Table:
         return json.loads(item["doc"]["S"]) if item else None
 
     def delete(self, pk: str, sk: str) -> bool:
+        return self.take(pk, sk) is not None
+
+    def take(self, pk: str, sk: str) -> dict[str, Any] | None:
+        """Delete an item and return its document (None if there was none): atomic, so of two
+        callers only one gets it."""
         out = self.client.delete_item(TableName=self.name, Key={"pk": {"S": pk}, "sk": {"S": sk}},
                                       ReturnValues="ALL_OLD")
-        return "Attributes" in out
+        attributes = out.get("Attributes")
+        return json.loads(attributes["doc"]["S"]) if attributes else None
 
     def query(self, pk: str, *, after: str | None = None, descending: bool = False,
               limit: int | None = None) -> Iterator[tuple[str, dict[str, Any]]]:
@@ -147,9 +156,19 @@ class ConfigStore:
         if not self.table.delete(ISSUERS, issuer):
             raise NotFound(f"issuer {issuer!r} not found")
 
+    # approver directory: IdP groups name approvers, emails need addresses ----------------------
+    def put_approver_group(self, group: dict[str, Any]) -> None:
+        self.table.put(APPROVER_GROUPS, group["group"], group)
+
+    def get_approver_group(self, group: str) -> dict[str, Any] | None:
+        return self.table.get(APPROVER_GROUPS, group)
+
+    def list_approver_groups(self) -> list[dict[str, Any]]:
+        return [doc for _, doc in self.table.query(APPROVER_GROUPS)]
+
 
 class StateStore:
-    """Issued grants, revocations and access requests (items expire through the TTL attribute)."""
+    """Issued grants, revocations, access requests and approvals (items expire through the TTL attribute)."""
 
     def __init__(self, table: Table) -> None:
         self.table = table
@@ -192,3 +211,70 @@ class StateStore:
         if doc is None:
             raise NotFound(f"access request {request_id!r} not found")
         return doc
+
+    def claim_access_grant(self, request_id: str, marker: dict[str, Any], *, expires_at: int) -> None:
+        """Once per access request: a second claim is a Conflict."""
+        self.table.put(f"ACCESS#{request_id}", "GRANT", marker, expires_at=expires_at,
+                       condition="attribute_not_exists(pk)")
+
+    def record_access_grant(self, request_id: str, marker: dict[str, Any], *, expires_at: int) -> None:
+        self.table.put(f"ACCESS#{request_id}", "GRANT", marker, expires_at=expires_at)
+
+    def release_access_grant(self, request_id: str) -> None:
+        self.table.delete(f"ACCESS#{request_id}", "GRANT")
+
+    def access_grant(self, request_id: str) -> dict[str, Any] | None:
+        return self.table.get(f"ACCESS#{request_id}", "GRANT")
+
+    # approvals: every item of one approval shares its partition -------------------------------
+    def put_approval(self, approval: dict[str, Any], *, expires_at: int, create: bool = True) -> None:
+        pk = _approval_pk(approval["approval_id"])
+        self.table.put(pk, "META", approval, expires_at=expires_at,
+                       condition="attribute_not_exists(pk)" if create else None)
+        if create:
+            day = time.strftime("%Y-%m-%d", time.gmtime(approval["created_at"]))
+            self.table.put(f"APPROVALS#{day}", f"{int(approval['created_at']):010d}#{approval['approval_id']}",
+                           {"approval_id": approval["approval_id"], "kind": approval["kind"]}, expires_at=expires_at)
+
+    def approval_items(self, approval_id: str) -> dict[str, dict[str, Any]]:
+        """sk → document of the items of an approval (META, DECISION#…, FINAL, WORKFLOW#…)."""
+        # The task token stays out of everything that could be shown: only `task_token` reads it.
+        items = {sk: doc for sk, doc in self.table.query(_approval_pk(approval_id)) if sk != "TOKEN"}
+        if "META" not in items:
+            raise NotFound(f"approval {approval_id!r} not found")
+        return items
+
+    def recent_approval_ids(self, now: float, days: int = APPROVAL_INDEX_DAYS) -> list[str]:
+        ids = []
+        for back in range(days):
+            day = time.strftime("%Y-%m-%d", time.gmtime(now - back * 86400))
+            ids += [doc["approval_id"] for _, doc in self.table.query(f"APPROVALS#{day}", descending=True)]
+        return ids
+
+    def put_decision(self, approval_id: str, approver_key: str, decision: dict[str, Any], *, expires_at: int) -> None:
+        """One decision per approver: a second one is a Conflict."""
+        self.table.put(_approval_pk(approval_id), f"DECISION#{approver_key}", decision, expires_at=expires_at,
+                       condition="attribute_not_exists(pk)")
+
+    def put_final(self, approval_id: str, final: dict[str, Any], *, expires_at: int, overwrite: bool = False) -> None:
+        """The one outcome of an approval; unless `overwrite`, the first writer wins (else Conflict)."""
+        self.table.put(_approval_pk(approval_id), "FINAL", final, expires_at=expires_at,
+                       condition=None if overwrite else "attribute_not_exists(pk)")
+
+    def put_task_token(self, approval_id: str, token: dict[str, Any], *, expires_at: int) -> None:
+        self.table.put(_approval_pk(approval_id), "TOKEN", token, expires_at=expires_at)
+
+    def task_token(self, approval_id: str) -> str | None:
+        doc = self.table.get(_approval_pk(approval_id), "TOKEN")
+        return str(doc["task_token"]) if doc else None
+
+    def put_link_nonce(self, nonce: str, doc: dict[str, Any], *, expires_at: int) -> None:
+        self.table.put(f"LINKNONCE#{nonce}", "META", doc, expires_at=expires_at, condition="attribute_not_exists(pk)")
+
+    def consume_link_nonce(self, nonce: str) -> dict[str, Any] | None:
+        """The nonce's document, deleted in the same call: a second consumer gets None."""
+        return self.table.take(f"LINKNONCE#{nonce}", "META")
+
+
+def _approval_pk(approval_id: str) -> str:
+    return f"APPROVAL#{approval_id}"

@@ -67,6 +67,8 @@ class ProctorSettings:
     client_cidrs: tuple[str, ...]
     gateway_desired_count: int
     gateway_internet_facing: bool
+    approval_email_sender: str
+    public_base_url: str | None
 
     @classmethod
     def from_context(cls, node: Node) -> ProctorSettings:
@@ -91,6 +93,8 @@ class ProctorSettings:
             client_cidrs=_texts(node, "proctor:clientCidrs", ()),
             gateway_desired_count=_number(node, "proctor:gatewayDesiredCount", 2),
             gateway_internet_facing=_flag(node, "proctor:gatewayInternetFacing", False),
+            approval_email_sender=_text(node, "proctor:approvalEmailSender", "proctor@example.com"),
+            public_base_url=_text(node, "proctor:publicBaseUrl", "") or None,
         )
 
 

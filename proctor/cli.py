@@ -8,6 +8,7 @@ import json
 import os
 import shlex
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -131,10 +132,45 @@ def cmd_grant(args: argparse.Namespace) -> int:
     if status == 202:
         request = grant["access_request"]
         print(f"access to {args.target} needs approval: access request {request['id']} is pending "
-              f"(approvers: {', '.join(request.get('approver_groups') or [])})", file=sys.stderr)
-        if args.format == "json":
-            print(json.dumps(grant, indent=2))
-        return 2
+              f"(approval {request.get('approval_id')}, approvers: {', '.join(request.get('approver_groups') or [])})",
+              file=sys.stderr)
+        if not args.wait:
+            if args.format == "json":
+                print(json.dumps(grant, indent=2))
+            return 2
+        grant = wait_for_access_grant(client, request, timeout=args.timeout)
+    print_grant(args, grant)
+    return 0
+
+
+def wait_for_access_grant(client: ApiClient, request: dict[str, Any], *, timeout: float,
+                          poll: float = 1.0, max_poll: float = 10.0) -> dict[str, Any]:
+    """Poll the access request (backing off) until it is decided, then fetch its grant."""
+    path = f"/v1/access-requests/{request['id']}"
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            current = client.get(path)
+        except ApiError as exc:
+            raise CliError(f"access request {request['id']}: {exc.status}: {exc.detail}") from None
+        if current["status"] == "approved":
+            break
+        if current["status"] != "pending":
+            by = f" by {current['decided_by']}" if current.get("decided_by") else ""
+            comment = f": {current['comment']}" if current.get("comment") else ""
+            raise CliError(f"access request {request['id']} was {current['status']}{by}{comment}")
+        if time.monotonic() + poll > deadline:
+            raise CliError(f"access request {request['id']} is still pending after {timeout:.0f} s", code=2)
+        time.sleep(poll)
+        poll = min(poll * 1.5, max_poll)
+    print(f"access request {request['id']} approved by {current.get('decided_by')}", file=sys.stderr)
+    try:
+        return client.post(f"{path}/grant", {})[1]
+    except ApiError as exc:
+        raise CliError(f"grant refused ({exc.status}): {exc.detail}") from None
+
+
+def print_grant(args: argparse.Namespace, grant: dict[str, Any]) -> None:
     if args.format == "token":
         print(grant["token"])
     elif args.format == "json":
@@ -144,7 +180,6 @@ def cmd_grant(args: argparse.Namespace) -> int:
         ca_file = args.ca_file or (state or {}).get("gateway", {}).get("ca_file")
         for key, value in grant_env(grant, ca_file):
             print(f"export {key}={shlex.quote(value)}")
-    return 0
 
 
 def cmd_whoami(args: argparse.Namespace) -> int:
@@ -152,6 +187,98 @@ def cmd_whoami(args: argparse.Namespace) -> int:
         print(json.dumps(ApiClient(api_url(args), oidc_token(args)).get("/v1/whoami"), indent=2))
     except ApiError as exc:
         raise CliError(f"refused ({exc.status}): {exc.detail}") from None
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------
+# approvals
+# ------------------------------------------------------------------------------------------------
+
+
+def _when(epoch: Any) -> str:
+    from datetime import UTC, datetime
+
+    return datetime.fromtimestamp(int(epoch), UTC).strftime("%Y-%m-%d %H:%M:%SZ") if epoch else ""
+
+
+def _requester(approval: dict[str, Any]) -> str:
+    who = approval.get("requester") or {}
+    pipeline = who.get("pipeline") or {}
+    if pipeline:
+        return f"{pipeline.get('repository')}#{pipeline.get('run_id')} ({pipeline.get('actor') or '?'})"
+    return str(who.get("email") or who.get("subject") or "")
+
+
+def format_approvals(approvals: list[dict[str, Any]]) -> str:
+    from proctor.evidence_query import QueryResult, format_result
+
+    columns = ["approval_id", "kind", "status", "target", "requester", "rule", "what", "approvals", "expires_at"]
+    rows = []
+    for a in approvals:
+        what = a.get("statement") or (a.get("reason") and f"access: {a['reason']}") or "access"
+        what = " ".join(str(what).split())
+        approved = len([d for d in a.get("decisions") or [] if d["decision"] == "approve"])
+        rows.append((a["approval_id"], a["kind"], a["status"], a.get("target"), _requester(a), a.get("rule") or "",
+                     what[:60] + ("…" if len(what) > 60 else ""), f"{approved}/{a.get('approvals_required')}",
+                     _when(a.get("expires_at"))))
+    return format_result(QueryResult(columns, rows), "table")
+
+
+def cmd_approvals_list(args: argparse.Namespace) -> int:
+    client = ApiClient(api_url(args), oidc_token(args))
+    try:
+        approvals = client.get(f"/v1/approvals?status={args.status}")["approvals"]
+    except ApiError as exc:
+        raise CliError(f"refused ({exc.status}): {exc.detail}") from None
+    if args.format == "json":
+        print(json.dumps(approvals, indent=2))
+    elif approvals:
+        print(format_approvals(approvals), end="")
+    else:
+        print(f"no {args.status} approvals" + (" await you" if args.status == "pending" else ""), file=sys.stderr)
+    return 0
+
+
+def cmd_approvals_show(args: argparse.Namespace) -> int:
+    try:
+        print(json.dumps(ApiClient(api_url(args), oidc_token(args)).get(f"/v1/approvals/{args.approval_id}"),
+                         indent=2))
+    except ApiError as exc:
+        raise CliError(f"refused ({exc.status}): {exc.detail}") from None
+    return 0
+
+
+def cmd_approvals_decide(args: argparse.Namespace) -> int:
+    client = ApiClient(api_url(args), oidc_token(args))
+    try:
+        _, approval = client.post(f"/v1/approvals/{args.approval_id}/decision",
+                                  {"decision": args.decision, "comment": args.comment or ""})
+    except ApiError as exc:
+        raise CliError(f"decision refused ({exc.status}): {exc.detail}") from None
+    verb = "approved" if args.decision == "approve" else "denied"
+    approved = len([d for d in approval["decisions"] if d["decision"] == "approve"])
+    print(f"you {verb} {approval['approval_id']}; it is now {approval['status']} "
+          f"({approved} of {approval['approvals_required']} approvals)")
+    return 0
+
+
+def cmd_dev_mailbox(args: argparse.Namespace) -> int:
+    from proctor.dev.mailbox import read_mailbox
+
+    state = _dev_state(args)
+    if not state or "aws_endpoint" not in state:
+        raise CliError("the local stack is not running: `proctor dev up`")
+    emails = [m for m in read_mailbox(state["aws_endpoint"]) if not args.to or args.to.lower() in
+              (t.lower() for t in m.to)]
+    if args.format == "json":
+        print(json.dumps([m.to_dict() for m in emails], indent=2))
+        return 0
+    if not emails:
+        print("the mailbox is empty", file=sys.stderr)
+    for m in emails:
+        print(f"to {', '.join(m.to)}  from {m.sender}\n  subject: {m.subject}")
+        for link in m.links:
+            print(f"  link: {link}")
     return 0
 
 
@@ -281,6 +408,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--claim", action="append", help="KEY=VALUE claim, e.g. repository=acme/app (repeatable)")
     p.add_argument("--ttl", type=int, default=3600)
     p.set_defaults(func=cmd_dev_token)
+    p = dev.add_parser("mailbox", help="the emails the local SES accepted, with their approval links")
+    p.add_argument("--to", help="only emails to this address")
+    p.add_argument("--format", choices=["text", "json"], default="text")
+    p.set_defaults(func=cmd_dev_mailbox)
 
     p = sub.add_parser("grant", help="obtain a grant for a target")
     p.add_argument("--target", required=True)
@@ -289,7 +420,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=["token", "env", "json"], default="env")
     p.add_argument("--token", help="OIDC token (default: PROCTOR_TOKEN)")
     p.add_argument("--ca-file", help="CA bundle for verify-full TLS to the gateway")
+    p.add_argument("--wait", action="store_true", help="if access needs approval, wait for it, then fetch the grant")
+    p.add_argument("--timeout", type=float, default=900, help="seconds --wait waits (default 900)")
     p.set_defaults(func=cmd_grant)
+
+    approvals = sub.add_parser("approvals", help="decide approvals").add_subparsers(dest="approvals_command",
+                                                                                  required=True)
+    p = approvals.add_parser("list", help="approvals that await you (or in another status)")
+    p.add_argument("--status", choices=["pending", "approved", "denied", "expired"], default="pending")
+    p.add_argument("--format", choices=["table", "json"], default="table")
+    p.add_argument("--token", help="OIDC token (default: PROCTOR_TOKEN)")
+    p.set_defaults(func=cmd_approvals_list)
+    p = approvals.add_parser("show", help="one approval in full")
+    p.add_argument("approval_id")
+    p.add_argument("--token", help="OIDC token (default: PROCTOR_TOKEN)")
+    p.set_defaults(func=cmd_approvals_show)
+    for decision, verb in (("approve", "approve"), ("deny", "deny")):
+        p = approvals.add_parser(verb, help=f"{verb} an approval")
+        p.add_argument("approval_id")
+        p.add_argument("--comment", default="", help="recorded with your decision")
+        p.add_argument("--token", help="OIDC token (default: PROCTOR_TOKEN)")
+        p.set_defaults(func=cmd_approvals_decide, decision=decision)
 
     p = sub.add_parser("whoami", help="the identity the control plane sees")
     p.add_argument("--token")

@@ -7,6 +7,8 @@ need=()
 have_pg_server() { ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; }
 have_pg_server || need+=(postgresql)
 command -v psql >/dev/null 2>&1 || need+=(postgresql-client)
+# Debian's Chromium: the approval email link is clicked in it, headless, through Playwright.
+command -v chromium >/dev/null 2>&1 || need+=(chromium)
 for pkg in "$@"; do
   dpkg -s "$pkg" >/dev/null 2>&1 || need+=("$pkg")
 done

@@ -7,7 +7,7 @@ import pytest
 from moto import mock_aws
 
 from control_plane.runtime import use_services
-from tests.control_plane_world import World, build_world
+from tests.control_plane_world import MOTO_CONFIG, World, build_world
 from tests.stack import Stack
 
 
@@ -25,7 +25,7 @@ def aws_env(monkeypatch: pytest.MonkeyPatch) -> None:
 
 @pytest.fixture
 def world(aws_env: None, tmp_path: Path) -> Iterator[World]:
-    with mock_aws():
+    with mock_aws(config=MOTO_CONFIG):
         w = build_world(tmp_path)
         use_services(w.svc)
         try:

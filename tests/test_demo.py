@@ -20,8 +20,8 @@ def test_demo_runs_end_to_end_and_leaves_nothing_running(tmp_path: Path) -> None
     text = out.stdout
     assert "HTTP 401: invalid token: signature invalid" in text
     assert "app_rw       |         6" in text
-    assert "| acme/app | 42  | bob          | app_rw       | query    | UPDATE orders SET status = 'shipped' WHERE id = 1;" \
-        in text
+    assert ("| acme/app | 42  | bob          | app_rw       | query    | "
+            "UPDATE orders SET status = 'shipped' WHERE id = 1;") in text
     assert 'ERROR:  statement blocked by Proctor rule "no-ddl"' in text
     assert "| block    | DROP TABLE customers;" in text
     assert "hash chain verified" in text

@@ -276,23 +276,62 @@ def test_grants_are_signed_with_an_ecc_p256_kms_key_behind_a_fixed_alias(control
     control_plane.has_resource_properties("AWS::KMS::Alias", {"AliasName": "alias/proctor-grant-signing"})
 
 
-def test_only_the_gateway_function_reads_secrets_and_only_under_proctor_prefix(control_plane: Template) -> None:
-    api_statements = _statements(control_plane, _role_of_function(control_plane, "control_plane.api.lambda_handler"))
-    assert not [a for a in _actions(api_statements) if a.startswith("secretsmanager:")]
+API_HANDLER = "control_plane.api.lambda_handler"
+GATEWAY_HANDLER = "control_plane.gateway_api.lambda_handler"
+NOTIFIER_HANDLER = "control_plane.notifier.lambda_handler"
+
+
+def _single(template: Template, resource_type: str) -> tuple[str, dict[str, Any]]:
+    ((logical_id, resource),) = _of_type(template, resource_type).items()
+    return logical_id, resource
+
+
+def _state_machine(template: Template) -> tuple[str, dict[str, Any]]:
+    return _single(template, "AWS::StepFunctions::StateMachine")
+
+
+def _queues(template: Template) -> tuple[tuple[str, dict[str, Any]], tuple[str, dict[str, Any]]]:
+    """(notifier queue, its dead-letter queue)."""
+    queues = _of_type(template, "AWS::SQS::Queue")
+    (main,) = [(k, q) for k, q in queues.items() if "RedrivePolicy" in q["Properties"]]
+    (dead,) = [(k, q) for k, q in queues.items() if k != main[0]]
+    return main, dead
+
+
+def _link_key(template: Template) -> str:
+    (logical_id,) = [
+        k
+        for k, r in _of_type(template, "AWS::SecretsManager::Secret").items()
+        if r["Properties"].get("Name") == "proctor/approval-link-key"
+    ]
+    return logical_id
+
+
+def test_only_the_gateway_function_reads_backend_secrets_and_only_under_proctor_prefix(control_plane: Template) -> None:
+    link_key = {"Ref": _link_key(control_plane)}
+    api_statements = _statements(control_plane, _role_of_function(control_plane, API_HANDLER))
+    api_secrets = [s for s in api_statements if any(a.startswith("secretsmanager:") for a in _as_list(s["Action"]))]
+    # The API function reads the approval link key (its confirmation page), nothing else.
+    assert [(s["Effect"], s["Resource"]) for s in api_secrets] == [("Allow", link_key)]
     assert {"kms:Sign", "kms:GetPublicKey"} <= _actions(api_statements)
 
-    gateway_statements = _statements(
-        control_plane, _role_of_function(control_plane, "control_plane.gateway_api.lambda_handler")
-    )
-    secret_statements = [s for s in gateway_statements if "secretsmanager:GetSecretValue" in _as_list(s["Action"])]
+    gateway_statements = _statements(control_plane, _role_of_function(control_plane, GATEWAY_HANDLER))
+    secret_statements = [
+        s
+        for s in gateway_statements
+        if "secretsmanager:GetSecretValue" in _as_list(s["Action"]) and s["Effect"] == "Allow"
+    ]
     assert [_as_list(s["Action"]) for s in secret_statements] == [["secretsmanager:GetSecretValue"]]
     (resource,) = _as_list(secret_statements[0]["Resource"])
     assert resource.endswith(f":{HOME_REGION}:123456789012:secret:proctor/*")
+    # ...which would include the link key, so that one is denied outright.
+    denied = [s for s in gateway_statements if s["Effect"] == "Deny"]
+    assert [(s["Action"], s["Resource"]) for s in denied] == [("secretsmanager:GetSecretValue", link_key)]
     assert "kms:Sign" not in _actions(gateway_statements)
 
 
 def test_control_plane_functions_write_only_audit_events(control_plane: Template) -> None:
-    for handler in ("control_plane.api.lambda_handler", "control_plane.gateway_api.lambda_handler"):
+    for handler in (API_HANDLER, GATEWAY_HANDLER, NOTIFIER_HANDLER):
         statements = _statements(control_plane, _role_of_function(control_plane, handler))
         s3_statements = [s for s in statements if any(a.startswith("s3:") for a in _as_list(s["Action"]))]
         assert [s["Action"] for s in s3_statements] == ["s3:PutObject"]
@@ -301,33 +340,147 @@ def test_control_plane_functions_write_only_audit_events(control_plane: Template
 
 
 def test_control_plane_functions_get_the_documented_environment(control_plane: Template) -> None:
-    functions = [f["Properties"] for f in _of_type(control_plane, "AWS::Lambda::Function").values()]
-    assert {f["Handler"] for f in functions} == {
-        "control_plane.api.lambda_handler",
-        "control_plane.gateway_api.lambda_handler",
+    functions = {
+        f["Properties"]["Handler"]: f["Properties"] for f in _of_type(control_plane, "AWS::Lambda::Function").values()
     }
-    for function in functions:
+    assert set(functions) == {API_HANDLER, GATEWAY_HANDLER, NOTIFIER_HANDLER}
+    common = {
+        "PROCTOR_CONFIG_TABLE",
+        "PROCTOR_STATE_TABLE",
+        "PROCTOR_EVIDENCE_BUCKET",
+        "PROCTOR_GRANT_KEY_ID",
+        "PROCTOR_REGION",
+        "PROCTOR_ADMIN_GROUPS",
+        "PROCTOR_APPROVER_GROUPS",
+        "PROCTOR_GATEWAY_PRINCIPALS",
+        "PROCTOR_APPROVAL_STATE_MACHINE_ARN",
+        "PROCTOR_APPROVAL_LINK_KEY_SECRET",
+        "POWERTOOLS_SERVICE_NAME",
+        "POWERTOOLS_METRICS_NAMESPACE",
+    }
+    state_machine_id, _ = _state_machine(control_plane)
+    for handler, function in functions.items():
         assert function["Runtime"] == "python3.12"
         assert function["TracingConfig"] == {"Mode": "Active"}
         environment = function["Environment"]["Variables"]
-        assert set(environment) == {
-            "PROCTOR_CONFIG_TABLE",
-            "PROCTOR_STATE_TABLE",
-            "PROCTOR_EVIDENCE_BUCKET",
-            "PROCTOR_GRANT_KEY_ID",
-            "PROCTOR_REGION",
-            "PROCTOR_ADMIN_GROUPS",
-            "PROCTOR_APPROVER_GROUPS",
-            "PROCTOR_GATEWAY_PRINCIPALS",
-            "POWERTOOLS_SERVICE_NAME",
-            "POWERTOOLS_METRICS_NAMESPACE",
-        }
+        notifier = {"PROCTOR_PUBLIC_BASE_URL", "PROCTOR_APPROVAL_EMAIL_SENDER"}
+        assert set(environment) == (common | notifier if handler == NOTIFIER_HANDLER else common)
         assert environment["PROCTOR_ADMIN_GROUPS"] == "admins"
         assert environment["PROCTOR_APPROVER_GROUPS"] == "approvers"
-        assert environment["POWERTOOLS_SERVICE_NAME"] == "proctor-control-plane"
+        assert environment["PROCTOR_APPROVAL_STATE_MACHINE_ARN"] == {"Ref": state_machine_id}
+        assert environment["PROCTOR_APPROVAL_LINK_KEY_SECRET"] == {"Ref": _link_key(control_plane)}
+        assert environment["POWERTOOLS_SERVICE_NAME"] == (
+            "proctor-approval-notifier" if handler == NOTIFIER_HANDLER else "proctor-control-plane"
+        )
         assert environment["PROCTOR_GATEWAY_PRINCIPALS"] == (
             f"arn:aws:iam::123456789012:role/proctor-gateway-task-{HOME_REGION}"
         )
+    notifier_env = functions[NOTIFIER_HANDLER]["Environment"]["Variables"]
+    assert notifier_env["PROCTOR_APPROVAL_EMAIL_SENDER"] == "proctor@example.com"
+    # Email links point at the deployed API stage.
+    assert _flat(notifier_env["PROCTOR_PUBLIC_BASE_URL"]).startswith("https://")
+    assert _flat(notifier_env["PROCTOR_PUBLIC_BASE_URL"]).endswith("/")
+
+
+# -- approvals -----------------------------------------------------------------------------------
+
+
+def test_the_state_machine_runs_exactly_the_python_definition(control_plane: Template) -> None:
+    from control_plane.approval_workflow import definition
+
+    _, state_machine = _state_machine(control_plane)
+    (table_id,) = [
+        k
+        for k, t in _of_type(control_plane, "AWS::DynamoDB::Table").items()
+        if t["Properties"].get("TimeToLiveSpecification")
+    ]
+    (queue_id, _), _ = _queues(control_plane)
+    # Render the same definition with markers where the deployed names go, then swap the markers
+    # for the intrinsic functions CloudFormation resolves.
+    rendered = json.dumps(definition(state_table="@TABLE@", notifier_queue_url="@QUEUE@"))
+    expected: list[Any] = []
+    for piece in rendered.replace("@QUEUE@", "\0@QUEUE@\0").replace("@TABLE@", "\0@TABLE@\0").split("\0"):
+        expected.append({"@TABLE@": {"Ref": table_id}, "@QUEUE@": {"Ref": queue_id}}.get(piece, piece))
+    assert state_machine["Properties"]["DefinitionString"] == {"Fn::Join": ["", expected]}
+    assert state_machine["Properties"]["StateMachineName"] == "proctor-approval"
+    assert state_machine["Properties"]["TracingConfiguration"] == {"Enabled": True}
+    logging = state_machine["Properties"]["LoggingConfiguration"]
+    assert logging["Level"] == "ALL" and logging["IncludeExecutionData"] is False
+
+
+def test_the_notifier_queue_is_encrypted_tls_only_and_dead_letters_failures(control_plane: Template) -> None:
+    (queue_id, queue), (dead_id, dead) = _queues(control_plane)
+    key_ids = set(_of_type(control_plane, "AWS::KMS::Key"))
+    for q in (queue, dead):
+        assert q["Properties"]["KmsMasterKeyId"]["Fn::GetAtt"][0] in key_ids
+    assert queue["Properties"]["RedrivePolicy"] == {
+        "deadLetterTargetArn": {"Fn::GetAtt": [dead_id, "Arn"]},
+        "maxReceiveCount": 5,
+    }
+    notifier_timeout = [
+        f["Properties"]["Timeout"]
+        for f in _of_type(control_plane, "AWS::Lambda::Function").values()
+        if f["Properties"]["Handler"] == NOTIFIER_HANDLER
+    ]
+    assert queue["Properties"]["VisibilityTimeout"] >= 6 * notifier_timeout[0]
+    policies = {
+        p["Properties"]["Queues"][0]["Ref"]: p["Properties"]["PolicyDocument"]["Statement"]
+        for p in _of_type(control_plane, "AWS::SQS::QueuePolicy").values()
+    }
+    for logical_id in (queue_id, dead_id):
+        assert [
+            s
+            for s in policies[logical_id]
+            if s["Effect"] == "Deny" and s.get("Condition") == {"Bool": {"aws:SecureTransport": "false"}}
+        ], f"{logical_id} accepts plain HTTP"
+    (mapping,) = _of_type(control_plane, "AWS::Lambda::EventSourceMapping").values()
+    assert mapping["Properties"]["EventSourceArn"] == {"Fn::GetAtt": [queue_id, "Arn"]}
+    assert mapping["Properties"]["FunctionResponseTypes"] == ["ReportBatchItemFailures"]
+
+
+def test_approval_permissions_are_scoped_to_the_workflow(control_plane: Template) -> None:
+    state_machine = {"Ref": _state_machine(control_plane)[0]}
+    (queue_id, _), _ = _queues(control_plane)
+
+    def granted(handler: str) -> dict[str, Any]:
+        statements = _statements(control_plane, _role_of_function(control_plane, handler))
+        return {a: s["Resource"] for s in statements for a in _as_list(s["Action"]) if a.startswith("states:")}
+
+    assert granted(GATEWAY_HANDLER) == {"states:StartExecution": state_machine}
+    assert granted(API_HANDLER) == {
+        "states:StartExecution": state_machine,
+        "states:SendTaskSuccess": state_machine,
+        "states:SendTaskFailure": state_machine,
+    }
+    resume = {"states:SendTaskSuccess": state_machine, "states:SendTaskFailure": state_machine}
+    assert granted(NOTIFIER_HANDLER) == resume
+
+    notifier = _statements(control_plane, _role_of_function(control_plane, NOTIFIER_HANDLER))
+    (send_email,) = [s for s in notifier if "ses:SendEmail" in _as_list(s["Action"])]
+    assert send_email["Action"] == "ses:SendEmail"
+    assert send_email["Condition"] == {"StringEquals": {"ses:FromAddress": "proctor@example.com"}}
+    assert sorted(send_email["Resource"]) == [
+        f"arn:aws:ses:{HOME_REGION}:123456789012:identity/example.com",
+        f"arn:aws:ses:{HOME_REGION}:123456789012:identity/proctor@example.com",
+    ]
+    assert not {"kms:Sign", "secretsmanager:PutSecretValue"} & _actions(notifier)
+    assert "ses:SendEmail" not in _actions(_statements(control_plane, _role_of_function(control_plane, API_HANDLER)))
+
+    (machine,) = _of_type(control_plane, "AWS::StepFunctions::StateMachine").values()
+    role_id = machine["Properties"]["RoleArn"]["Fn::GetAtt"][0]
+    statements = _statements(control_plane, role_id)
+    scoped = {a: s["Resource"] for s in statements if s["Resource"] != "*" for a in _as_list(s["Action"])}
+    assert scoped["dynamodb:PutItem"]["Fn::GetAtt"][1] == "Arn"
+    assert scoped["sqs:SendMessage"] == {"Fn::GetAtt": [queue_id, "Arn"]}
+    assert not [a for a in scoped if a.startswith(("dynamodb:Delete", "dynamodb:Get", "sqs:Receive", "states:"))]
+    # Only log delivery and X-Ray, which have no resource-level permissions, are on `*`.
+    unscoped = {a for s in statements if s["Resource"] == "*" for a in _as_list(s["Action"])}
+    assert all(a.startswith(("logs:", "xray:")) for a in unscoped)
+
+
+def test_the_link_key_is_a_generated_secret(control_plane: Template) -> None:
+    secret = _of_type(control_plane, "AWS::SecretsManager::Secret")[_link_key(control_plane)]["Properties"]
+    assert secret["GenerateSecretString"] == {"ExcludePunctuation": True, "PasswordLength": 64}
 
 
 def test_gateway_routes_require_sigv4_and_the_public_routes_do_not(control_plane: Template) -> None:

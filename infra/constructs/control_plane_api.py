@@ -109,8 +109,21 @@ class ControlPlaneApi(Construct):
             "POWERTOOLS_SERVICE_NAME": "proctor-control-plane",
             "POWERTOOLS_METRICS_NAMESPACE": "Proctor",
         }
-        self.api_function = self._function("ApiFunction", API_HANDLER, layer, environment)
-        self.gateway_function = self._function("GatewayFunction", GATEWAY_HANDLER, layer, environment)
+        self.layer = layer
+        self.environment = environment
+        self.evidence_bucket = props.evidence_bucket
+        self.evidence_key = props.evidence_key
+        self.api_function = control_plane_function(
+            self, "ApiFunction", API_HANDLER, layer=layer, environment=environment, log_retention=props.log_retention
+        )
+        self.gateway_function = control_plane_function(
+            self,
+            "GatewayFunction",
+            GATEWAY_HANDLER,
+            layer=layer,
+            environment=environment,
+            log_retention=props.log_retention,
+        )
         self._grant_api_function()
         self._grant_gateway_function()
 
@@ -159,66 +172,21 @@ class ControlPlaneApi(Construct):
             description="aws-lambda-powertools, pydantic, pyjwt, cryptography",
         )
 
-    def _function(
-        self, construct_id: str, handler: str, layer: lambda_.ILayerVersion, environment: dict[str, str]
-    ) -> lambda_.Function:
-        log_group = logs.LogGroup(
-            self,
-            f"{construct_id}Logs",
-            retention=self._props.log_retention,
-            removal_policy=RemovalPolicy.RETAIN,
-        )
-        role = iam.Role(
-            self,
-            f"{construct_id}Role",
-            assumed_by=iam.ServicePrincipal("lambda.amazonaws.com"),
-            description=f"Proctor control plane: {handler}",
-        )
-        function = lambda_.Function(
-            self,
-            construct_id,
-            runtime=RUNTIME,
-            architecture=ARCHITECTURE,
-            handler=handler,
-            code=lambda_.Code.from_asset(str(REPO_ROOT), exclude=FUNCTION_ASSET_EXCLUDE),
-            layers=[layer],
-            role=role,
-            log_group=log_group,
-            environment=environment,
-            memory_size=512,
-            # API Gateway gives up after 29 s.
-            timeout=Duration.seconds(28),
-            tracing=lambda_.Tracing.ACTIVE,
-        )
-        role.add_to_policy(
-            iam.PolicyStatement(
-                actions=["logs:CreateLogStream", "logs:PutLogEvents"], resources=[log_group.log_group_arn]
-            )
-        )
-        acknowledge(role, "AwsSolutions-IAM5[Resource::*]", XRAY_REASON)
-        acknowledge(
-            function,
-            "AwsSolutions-L1",
-            "Pinned to Python 3.12: the dependency layer is built for it (scripts/build-lambda-layer.sh "
-            "--python-version 3.12); bump both together.",
-        )
-        return function
-
     def _grant_api_function(self) -> None:
-        role = self._role_of(self.api_function)
-        self._grant_tables(role, read_write=(self.config_table, self.state_table), read_only=())
+        role = role_of(self.api_function)
+        grant_tables(role, self.table_key, read_write=(self.config_table, self.state_table), read_only=())
         role.add_to_principal_policy(
             iam.PolicyStatement(actions=["kms:Sign", "kms:GetPublicKey"], resources=[self.grant_key.key_arn])
         )
-        self._grant_evidence_writes(role)
+        grant_evidence_writes(role, self._props.evidence_bucket, self._props.evidence_key)
 
     def _grant_gateway_function(self) -> None:
-        role = self._role_of(self.gateway_function)
-        self._grant_tables(role, read_write=(self.state_table,), read_only=(self.config_table,))
+        role = role_of(self.gateway_function)
+        grant_tables(role, self.table_key, read_write=(self.state_table,), read_only=(self.config_table,))
         role.add_to_principal_policy(
             iam.PolicyStatement(actions=["kms:GetPublicKey"], resources=[self.grant_key.key_arn])
         )
-        self._grant_evidence_writes(role)
+        grant_evidence_writes(role, self._props.evidence_bucket, self._props.evidence_key)
         backend_secrets = iam.PolicyStatement(
             actions=["secretsmanager:GetSecretValue"],
             resources=[
@@ -237,56 +205,6 @@ class ControlPlaneApi(Construct):
             "Backend credentials are secrets that operators create per target under the `proctor/` name "
             "prefix after deploy; their names (and ARN suffixes) are not known at synth time.",
         )
-
-    def _grant_tables(
-        self,
-        role: iam.IRole,
-        *,
-        read_write: Sequence[dynamodb.ITable],
-        read_only: Sequence[dynamodb.ITable],
-    ) -> None:
-        if read_write:
-            role.add_to_principal_policy(
-                iam.PolicyStatement(
-                    actions=TABLE_READ + TABLE_WRITE, resources=[table.table_arn for table in read_write]
-                )
-            )
-        if read_only:
-            role.add_to_principal_policy(
-                iam.PolicyStatement(actions=TABLE_READ, resources=[table.table_arn for table in read_only])
-            )
-        role.add_to_principal_policy(
-            iam.PolicyStatement(
-                actions=TABLE_KEY_USE,
-                resources=[self.table_key.key_arn],
-                conditions={"StringEquals": {"kms:ViaService": f"dynamodb.{Stack.of(self).region}.amazonaws.com"}},
-            )
-        )
-
-    def _grant_evidence_writes(self, role: iam.IRole) -> None:
-        """Audit events only: `events/*` of the evidence bucket, never recordings or reads."""
-        put_events = iam.PolicyStatement(
-            actions=["s3:PutObject"],
-            resources=[self._props.evidence_bucket.arn_for_objects(f"{EVENTS_PREFIX}/*")],
-        )
-        role.add_to_principal_policy(put_events)
-        role.add_to_principal_policy(
-            iam.PolicyStatement(
-                actions=["kms:GenerateDataKey", "kms:Encrypt"], resources=[self._props.evidence_key.key_arn]
-            )
-        )
-        acknowledge_wildcards(
-            role,
-            put_events,
-            "Event objects are keyed events/dt=<date>/region=<region>/<batch>.jsonl.gz; the grant is "
-            "scoped to the events/ prefix, write-only, and Object Lock keeps existing versions immutable.",
-        )
-
-    @staticmethod
-    def _role_of(function: lambda_.Function) -> iam.IRole:
-        if function.role is None:
-            raise AssertionError("control-plane functions are created with an explicit role")
-        return function.role
 
     # -- API -------------------------------------------------------------------------------------
 
@@ -388,3 +306,103 @@ class ControlPlaneApi(Construct):
                 "and the function checks the caller against PROCTOR_GATEWAY_PRINCIPALS.",
             )
         return api
+
+
+# -- what every control-plane function shares (the approval workflow's notifier included) ----------
+
+
+def control_plane_function(
+    scope: Construct,
+    construct_id: str,
+    handler: str,
+    *,
+    layer: lambda_.ILayerVersion,
+    environment: dict[str, str],
+    log_retention: logs.RetentionDays,
+    timeout: Duration | None = None,
+) -> lambda_.Function:
+    """A function of the control_plane package: own role, own retained log group, X-Ray."""
+    log_group = logs.LogGroup(
+        scope,
+        f"{construct_id}Logs",
+        retention=log_retention,
+        removal_policy=RemovalPolicy.RETAIN,
+    )
+    role = iam.Role(
+        scope,
+        f"{construct_id}Role",
+        assumed_by=iam.ServicePrincipal("lambda.amazonaws.com"),
+        description=f"Proctor control plane: {handler}",
+    )
+    function = lambda_.Function(
+        scope,
+        construct_id,
+        runtime=RUNTIME,
+        architecture=ARCHITECTURE,
+        handler=handler,
+        code=lambda_.Code.from_asset(str(REPO_ROOT), exclude=FUNCTION_ASSET_EXCLUDE),
+        layers=[layer],
+        role=role,
+        log_group=log_group,
+        environment=dict(environment),
+        memory_size=512,
+        # API Gateway gives up after 29 s.
+        timeout=timeout or Duration.seconds(28),
+        tracing=lambda_.Tracing.ACTIVE,
+    )
+    role.add_to_policy(
+        iam.PolicyStatement(actions=["logs:CreateLogStream", "logs:PutLogEvents"], resources=[log_group.log_group_arn])
+    )
+    acknowledge(role, "AwsSolutions-IAM5[Resource::*]", XRAY_REASON)
+    acknowledge(
+        function,
+        "AwsSolutions-L1",
+        "Pinned to Python 3.12: the dependency layer is built for it (scripts/build-lambda-layer.sh "
+        "--python-version 3.12); bump both together.",
+    )
+    return function
+
+
+def role_of(function: lambda_.Function) -> iam.IRole:
+    if function.role is None:
+        raise AssertionError("control-plane functions are created with an explicit role")
+    return function.role
+
+
+def grant_tables(
+    role: iam.IRole,
+    table_key: kms.IKey,
+    *,
+    read_write: Sequence[dynamodb.ITable],
+    read_only: Sequence[dynamodb.ITable],
+) -> None:
+    if read_write:
+        role.add_to_principal_policy(
+            iam.PolicyStatement(actions=TABLE_READ + TABLE_WRITE, resources=[table.table_arn for table in read_write])
+        )
+    if read_only:
+        role.add_to_principal_policy(
+            iam.PolicyStatement(actions=TABLE_READ, resources=[table.table_arn for table in read_only])
+        )
+    role.add_to_principal_policy(
+        iam.PolicyStatement(
+            actions=TABLE_KEY_USE,
+            resources=[table_key.key_arn],
+            conditions={"StringEquals": {"kms:ViaService": f"dynamodb.{Stack.of(table_key).region}.amazonaws.com"}},
+        )
+    )
+
+
+def grant_evidence_writes(role: iam.IRole, bucket: s3.IBucket, key: kms.IKey) -> None:
+    """Audit events only: `events/*` of the evidence bucket, never recordings or reads."""
+    put_events = iam.PolicyStatement(actions=["s3:PutObject"], resources=[bucket.arn_for_objects(f"{EVENTS_PREFIX}/*")])
+    role.add_to_principal_policy(put_events)
+    role.add_to_principal_policy(
+        iam.PolicyStatement(actions=["kms:GenerateDataKey", "kms:Encrypt"], resources=[key.key_arn])
+    )
+    acknowledge_wildcards(
+        role,
+        put_events,
+        "Event objects are keyed events/dt=<date>/region=<region>/<batch>.jsonl.gz; the grant is "
+        "scoped to the events/ prefix, write-only, and Object Lock keeps existing versions immutable.",
+    )

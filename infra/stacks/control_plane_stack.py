@@ -5,6 +5,7 @@ from __future__ import annotations
 from aws_cdk import CfnOutput, Environment, Stack
 from constructs import Construct
 
+from infra.constructs.approval_workflow import ApprovalWorkflow, ApprovalWorkflowProps
 from infra.constructs.control_plane_api import ControlPlaneApi, ControlPlaneApiProps
 from infra.constructs.control_plane_endpoint import ControlPlaneEndpoint
 from infra.constructs.gateway_service import gateway_task_role_name
@@ -27,7 +28,7 @@ class ControlPlaneStack(Stack):
             scope,
             construct_id,
             env=env,
-            description="Proctor control plane: API Gateway, Lambda, DynamoDB, grant-signing key",
+            description="Proctor control plane: API Gateway, Lambda, DynamoDB, grant-signing key, approval workflow",
         )
         self._stage_name = settings.api_stage_name
         # Role ARNs built from the gateways' fixed role names: no dependency on the gateway stacks.
@@ -51,7 +52,34 @@ class ControlPlaneStack(Stack):
                 log_retention=settings.log_retention,
             ),
         )
-        CfnOutput(self, "ApiUrl", value=self.control_plane.api.url, description="Control-plane API base URL")
+        api = self.control_plane
+        self.approvals = ApprovalWorkflow(
+            self,
+            "Approvals",
+            ApprovalWorkflowProps(
+                state_table=api.state_table,
+                config_table=api.config_table,
+                table_key=api.table_key,
+                evidence_bucket=api.evidence_bucket,
+                evidence_key=api.evidence_key,
+                layer=api.layer,
+                environment=api.environment,
+                # Email links point at the API (or the custom domain in front of it).
+                public_base_url=settings.public_base_url or api.api.url,
+                email_sender=settings.approval_email_sender,
+                log_retention=settings.log_retention,
+            ),
+        )
+        self.approvals.allow_requests([api.gateway_function, api.api_function])
+        self.approvals.allow_decisions(api.api_function)
+        self.approvals.deny_link_key(api.gateway_function)
+        CfnOutput(self, "ApiUrl", value=api.api.url, description="Control-plane API base URL")
+        CfnOutput(
+            self,
+            "ApprovalStateMachineArn",
+            value=self.approvals.state_machine.state_machine_arn,
+            description="Approval workflow",
+        )
 
     def endpoint_for(self, consumer: Stack) -> ControlPlaneEndpoint:
         rest_api_id = share(

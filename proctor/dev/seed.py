@@ -1,6 +1,6 @@
 """What the local stack seeds: the demo database's schema and data, its backend roles (whose
-passwords live only in Secrets Manager), the dev issuer, the demo target and the policies the
-demo and the tests use."""
+passwords live only in Secrets Manager), the dev issuer, the demo target, the policies the demo
+and the tests use, and the approver directory (who the `approvers` group's emails go to)."""
 
 from __future__ import annotations
 
@@ -13,6 +13,9 @@ from proctor.dev.oidc_issuer import AUDIENCE
 from proctor.dev.postgres import HermeticPostgres
 
 DEMO_TARGET = "demo-pg"
+APPROVER_GROUP = "approvers"
+# Subjects equal the emails: the dev issuer mints `--sub ann.approver@example.com` with that email.
+APPROVERS = ("ann.approver@example.com", "bob.approver@example.com")
 DEMO_DATABASE = "app"
 ROLE_RW = "app_rw"
 ROLE_RO = "app_ro"
@@ -91,6 +94,8 @@ def seed_config(config: ConfigStore, *, issuer_url: str, pg_host: str, pg_port: 
     ).model_dump())
     for policy in demo_policies(issuer_url):
         config.put_policy(policy.model_dump(), author="seed")
+    config.put_approver_group({"group": APPROVER_GROUP, "members": [{"email": e, "subject": e} for e in APPROVERS],
+                               "updated_by": "seed", "updated_at": 0})
 
 
 PIPELINE_GUARDRAILS: list[dict[str, Any]] = [
@@ -115,7 +120,7 @@ READER_GUARDRAILS: list[dict[str, Any]] = [
 
 
 def demo_policies(issuer_url: str) -> list[PolicySpec]:
-    approvers: dict[str, Any] = {"approver_groups": ["approvers"], "approvals_required": 1,
+    approvers: dict[str, Any] = {"approver_groups": [APPROVER_GROUP], "approvals_required": 1,
                                  "timeout_seconds": 900}
     return [
         PolicySpec(

@@ -1,6 +1,7 @@
-"""`proctor dev up | down | status`: one supervisor process holds moto's server, the API adapter
-and the dev OIDC issuer, and starts the hermetic PostgreSQL (and the gateway) as children. The
-state file names every process, so `down` can stop each one even if the supervisor died."""
+"""`proctor dev up | down | status`: one supervisor process holds moto's server (Step Functions
+executing state machines), the API adapter, the approval notifier worker and the dev OIDC issuer,
+and starts the hermetic PostgreSQL (and the gateway) as children. The state file names every
+process, so `down` can stop each one even if the supervisor died."""
 
 from __future__ import annotations
 
@@ -75,11 +76,12 @@ def _http_server() -> ThreadingHTTPServer:
 
 
 def serve(directory: Path, *, with_gateway: bool = True) -> None:
-    from control_plane import api, gateway_api
+    from control_plane import api, gateway_api, notifier
     from control_plane.runtime import Services, use_services
     from control_plane.settings import Settings
     from proctor.dev import adapter as adapter_mod
     from proctor.dev import aws, oidc_issuer, seed
+    from proctor.dev.notifier_worker import NotifierWorker
     from proctor.dev.postgres import HermeticPostgres
 
     directory.mkdir(parents=True, exist_ok=True)
@@ -105,6 +107,15 @@ def serve(directory: Path, *, with_gateway: bool = True) -> None:
             "POWERTOOLS_SERVICE_NAME": "proctor-control-plane", "POWERTOOLS_LOG_LEVEL": "WARNING",
         })
         resources = aws.create_resources(endpoint)
+        # The API's address is known before it serves: approval emails link to it.
+        api_server = _http_server()
+        api_url = f"http://127.0.0.1:{api_server.server_address[1]}"
+        os.environ.update({
+            "PROCTOR_APPROVAL_STATE_MACHINE_ARN": resources.approval_state_machine_arn,
+            "PROCTOR_APPROVAL_LINK_KEY_SECRET": resources.link_key_secret,
+            "PROCTOR_APPROVAL_EMAIL_SENDER": resources.email_sender,
+            "PROCTOR_PUBLIC_BASE_URL": api_url,
+        })
 
         # Dev OIDC issuer.
         key_path = directory / "oidc-key.pem"
@@ -131,8 +142,6 @@ def serve(directory: Path, *, with_gateway: bool = True) -> None:
         # Control plane: the Lambda handlers behind the API Gateway stand-in.
         svc = Services.from_settings(Settings.from_env())
         use_services(svc)
-        api_server = _http_server()
-        api_url = f"http://127.0.0.1:{api_server.server_address[1]}"
         routes = [
             adapter_mod.Route("/v1", api.lambda_handler, "proctor-api", iam=False),
             adapter_mod.Route("/v1/credentials", gateway_api.lambda_handler, "proctor-gateway-api", iam=True),
@@ -140,6 +149,10 @@ def serve(directory: Path, *, with_gateway: bool = True) -> None:
         ]
         adapter_mod.serve(adapter_mod.ApiAdapter(routes, {gateway_key.access_key: gateway_key}), api_server)
         cleanups.append(api_server.shutdown)
+        # The notifier Lambda's SQS event source, as a thread calling the same handler.
+        worker = NotifierWorker(aws.client(endpoint, "sqs"), resources.notifier_queue_url, notifier.lambda_handler,
+                                region=aws.REGION).start()
+        cleanups.append(worker.stop)
 
         gateway_port = int(os.environ.get("PROCTOR_DEV_GATEWAY_PORT") or 0) or _free_port()
         seed.seed_config(svc.config, issuer_url=issuer_url, pg_host=pg.host, pg_port=pg.port,
@@ -147,6 +160,10 @@ def serve(directory: Path, *, with_gateway: bool = True) -> None:
 
         state.update({
             "api_url": api_url,
+            "public_base_url": api_url,
+            "approval_state_machine_arn": resources.approval_state_machine_arn,
+            "notifier_queue_url": resources.notifier_queue_url,
+            "email_sender": resources.email_sender,
             "oidc_issuer": issuer_url,
             "oidc_key": str(key_path),
             "aws_endpoint": endpoint,
