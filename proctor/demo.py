@@ -44,7 +44,7 @@ def run_demo(*, state_dir: str | None = None, keep: bool = False) -> int:
           f"PostgreSQL     {state['postgres']['host']}:{state['postgres']['port']} (SCRAM; password only in "
           f"Secrets Manager)")
     steps: list[Callable[[dict[str, Any]], None]] = [_pipeline_grant, _forged_token_refused, _psql_through_gateway,
-                                                     _evidence]
+                                                     _held_delete_approved_by_link, _evidence]
     try:
         for step in steps:
             step(state)
@@ -92,40 +92,98 @@ def _forged_token_refused(state: dict[str, Any]) -> None:
         raise RuntimeError("a forged token was accepted")
 
 
-def _psql_through_gateway(state: dict[str, Any]) -> None:
+def _pg_env(state: dict[str, Any]) -> dict[str, str]:
     grant = state["_grant"]
     conn = grant["connection"]
-    gateway = state["gateway"]
+    return {k: v for k, v in os.environ.items() if not k.startswith("PG")} | {
+        "PGHOST": conn["host"], "PGPORT": str(conn["port"]), "PGUSER": conn["user"], "PGPASSWORD": grant["token"],
+        "PGDATABASE": conn["database"], "PGSSLMODE": "verify-full", "PGSSLROOTCERT": state["gateway"]["ca_file"]}
+
+
+def _psql_through_gateway(state: dict[str, Any]) -> None:
     _step("5. The pipeline runs its statements with psql through the gateway (TLS verified; the grant is the "
           "password; the gateway injects app_rw's real password; the policy's guardrails stop the DROP)")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PG")} | {
-        "PGHOST": conn["host"], "PGPORT": str(conn["port"]), "PGUSER": conn["user"], "PGPASSWORD": grant["token"],
-        "PGDATABASE": conn["database"], "PGSSLMODE": "verify-full", "PGSSLROOTCERT": gateway["ca_file"]}
     script = ("SELECT current_user AS backend_role, count(*) AS customers FROM customers;\n"
               "INSERT INTO orders (customer_id, amount, status) VALUES (1, 99.50, 'deployed');\n"
-              "UPDATE orders SET status = 'shipped' WHERE id = 1;\n"
               "DROP TABLE customers;\n"
               "SELECT 1/0;\n")
     _show("$ eval \"$(proctor grant --target demo-pg --format env)\"   # PGHOST, PGPORT, PGUSER, PGPASSWORD, ...")
     _show("$ psql <<'SQL'\n" + script + "SQL")
-    out = subprocess.run(["psql", "-X", "-e"], input=script, capture_output=True, text=True, env=env, check=False)
+    out = subprocess.run(["psql", "-X", "-e"], input=script, capture_output=True, text=True, env=_pg_env(state),
+                         check=False)
     _show(out.stdout + out.stderr)
 
 
+def _held_delete_approved_by_link(state: dict[str, Any]) -> None:
+    import re
+    import time
+    import urllib.parse
+    import urllib.request
+
+    from proctor.dev.mailbox import read_mailbox
+
+    _step("6. The pipeline deletes an order: policy holds DELETE for an approver (the statement waits at the gateway)")
+    sql = "DELETE FROM orders WHERE status = 'deployed';"
+    _show(f"$ psql -c \"{sql}\"")
+    psql = subprocess.Popen(["psql", "-X", "-c", sql], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=_pg_env(state))
+    assert psql.stderr is not None
+    notice = psql.stderr.readline()
+    _show(notice)
+    found = re.search(r"held for approval (\S+)", notice)
+    if not found:
+        psql.kill()
+        raise RuntimeError(f"the DELETE was not held for approval: {notice!r}")
+    approval_id = found.group(1)
+
+    _step("7. The approver's mailbox (SES): a one-time, expiring link — never the workflow's task token")
+    _show("$ proctor dev mailbox")
+    link, deadline = None, time.monotonic() + 30
+    while link is None and time.monotonic() < deadline:
+        for email in read_mailbox(state["aws_endpoint"]):
+            if approval_id in " ".join(email.links) and "ann.approver@example.com" in email.to:
+                _show(f"to {', '.join(email.to)}: {email.subject}\n  {email.links[0]}")
+                link = next(u for u in email.links if approval_id in u)
+        time.sleep(0.3)
+    if link is None:
+        raise RuntimeError("no approval email arrived")
+
+    _step("8. The approver opens the link: a confirmation page (who asks, which run, the statement, the rule); "
+          "Approve is a POST with a one-time CSRF token")
+    page = urllib.request.urlopen(link).read().decode()  # noqa: S310 - the local stack's own URL
+    text = re.sub(r"\s+", " ", re.sub(r"<[^>]+>", " ", re.sub(r"(?s)<(style|script)[^>]*>.*?</\1>", "", page)))
+    _show(text.strip()[:600])
+    form = dict(re.findall(r'type="hidden" name="(\w+)" value="([^"]*)"', page))
+    form.update(decision="approve", comment="orders marked deployed may go")
+    urllib.request.urlopen(urllib.request.Request(link, data=urllib.parse.urlencode(form).encode(),  # noqa: S310
+                                                  method="POST"))
+    _show("approved by ann.approver@example.com")
+    out, err = psql.communicate(timeout=60)
+    _step("9. The held statement runs; psql, which waited, prints its result")
+    _show(out + err.replace(notice, ""))
+
+
 def _evidence(state: dict[str, Any]) -> None:
-    _step("6. The auditor's view: every statement, tied to the pipeline run and who triggered it "
-          "(OCSF events in S3 under Object Lock, queried with Athena SQL — here on DuckDB)")
+    _step("10. The auditor's view: every statement, tied to the pipeline run and who triggered it, blocks and "
+          "approvals included (OCSF events in S3 under Object Lock, queried with Athena SQL — here on DuckDB)")
     sql = ("SELECT time_iso, actor_subject, pipeline_repository AS repo, pipeline_run_id AS run, "
            "pipeline_actor AS triggered_by, backend_user, activity_name AS activity, statement, command_tag, rows, "
-           "sqlstate, rule FROM proctor_evidence.events WHERE class_uid = 6005 "
-           "AND activity_name IN ('query', 'block') AND pipeline_run_id = '42' ORDER BY session_id, seq")
+           "sqlstate, rule, approval_id FROM proctor_evidence.events WHERE class_uid = 6005 "
+           "AND activity_name IN ('query', 'block') AND pipeline_run_id = '42' ORDER BY time")
     _show(f'$ proctor evidence query "{sql}"')
-    result = _wait_for_rows(state, sql, at_least=5)
+    result = _wait_for_rows(state, sql, at_least=6)
     from proctor.evidence_query import format_result
 
     _show(format_result(result, "table"))
-    _step("7. The session's recording, replayed from its hash-chained chunks")
-    session = _wait_for_rows(state, "SELECT session_id FROM sessions WHERE pipeline_run_id = '42'", at_least=1)
+    approvals = ("SELECT time_iso, approval_id, status_detail AS step, actor_subject AS who, statement, "
+                 "json_extract_scalar(details, '$.comment') AS comment FROM proctor_evidence.events "
+                 "WHERE activity_name = 'approval' AND approval_id IN (SELECT approval_id FROM "
+                 "proctor_evidence.events WHERE pipeline_run_id = '42' AND activity_name = 'approval') ORDER BY time")
+    _show(f'$ proctor evidence query "{approvals}"')
+    _show(format_result(_wait_for_rows(state, approvals, at_least=4), "table"))
+    _step("11. The session's recording, replayed from its hash-chained chunks")
+    session = _wait_for_rows(state, "SELECT session_id FROM sessions WHERE pipeline_run_id = '42' ORDER BY started_at",
+                             at_least=2)
     session_id = session.rows[0][0]
     out = subprocess.run([sys.executable, "-m", "proctor.cli", "evidence", "replay", session_id], capture_output=True,
                          text=True, env=os.environ | {"PROCTOR_STATE_DIR": state["_state_dir"]}, check=True)

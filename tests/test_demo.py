@@ -21,7 +21,11 @@ def test_demo_runs_end_to_end_and_leaves_nothing_running(tmp_path: Path) -> None
     assert "HTTP 401: invalid token: signature invalid" in text
     assert "app_rw       |         6" in text
     assert ("| acme/app | 42  | bob          | app_rw       | query    | "
-            "UPDATE orders SET status = 'shipped' WHERE id = 1;") in text
+            "INSERT INTO orders (customer_id, amount, status) VALUES (1, 99.50, 'deployed');") in text
+    assert "statement held for approval ap" in text and "to ann.approver@example.com" in text
+    assert "\n   DELETE 1\n" in text
+    assert "| query    | DELETE FROM orders WHERE status = 'deployed';" in text
+    assert "| approved  |" in text
     assert 'ERROR:  statement blocked by Proctor rule "no-ddl"' in text
     assert "| block    | DROP TABLE customers;" in text
     assert "hash chain verified" in text

@@ -109,6 +109,8 @@ PIPELINE_GUARDRAILS: list[dict[str, Any]] = [
      "description": "COPY to or from a server program is not allowed"},
     {"name": "no-unscoped-writes", "action": "block", "match": {"commands": ["UPDATE", "DELETE"], "no_where": True},
      "description": "UPDATE and DELETE need a WHERE clause"},
+    {"name": "changes-need-approval", "action": "require_approval", "match": {"commands": ["UPDATE", "DELETE"]},
+     "description": "updates and deletes by pipelines are reviewed by an approver"},
     {"name": "log-writes", "action": "log", "match": {"classes": ["write"]}},
 ]
 READER_GUARDRAILS: list[dict[str, Any]] = [
