@@ -84,6 +84,8 @@ def test_set_config_of_a_session_nicety_is_not_a_side_effect_and_is_not_cached_b
     assert not facts("SELECT current_setting('jit'), set_config('jit', 'off', false)").denied_functions
     assert facts("SELECT set_config('search_path', 'evil', false)").denied_functions == {"set_config"}
     guard = StatementGuard(PIPELINE_GUARDRAILS)
+    # Same shape, different setting: neither verdict may be reused for the other, in either order.
+    assert guard.check("SELECT set_config('search_path', 'evil', false)").rule == "no-side-effect-functions"
     assert guard.check("SELECT set_config('jit', 'off', false)").action == "allow"
     assert guard.check("SELECT set_config('search_path', 'evil', false)").rule == "no-side-effect-functions"
 
@@ -155,9 +157,11 @@ def test_seeded_pipeline_policy_blocks(sql: str, rule: str) -> None:
     assert (verdict.action, verdict.rule) == (BLOCK, rule)
 
 
-def test_seeded_pipeline_policy_logs_writes_and_allows_reads() -> None:
+def test_seeded_pipeline_policy_logs_inserts_holds_changes_and_allows_reads() -> None:
     guard = StatementGuard(PIPELINE_GUARDRAILS)
-    assert guard.check("UPDATE orders SET status = 'x' WHERE id = 1").action == LOG
+    assert guard.check("INSERT INTO orders (customer_id, amount) VALUES (1, 2)").action == LOG
+    assert guard.check("UPDATE orders SET status = 'x' WHERE id = 1").rule == "changes-need-approval"
+    assert guard.check("DELETE FROM orders WHERE id = 1").action == REQUIRE_APPROVAL
     assert guard.check("SELECT * FROM customers").action == "allow"
 
 

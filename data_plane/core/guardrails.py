@@ -44,7 +44,9 @@ class StatementFacts:
 
     @property
     def literal_sensitive(self) -> bool:
-        return bool(self.exempt)
+        """Whether the verdict depends on literal values (set_config's setting name): such
+        statements are judged by exact text, never by shape."""
+        return any(f.rsplit(".", 1)[-1] == "set_config" for f in self.functions)
 
     @property
     def denied_functions(self) -> frozenset[str]:

@@ -17,6 +17,8 @@ from typing import Any
 from data_plane.core.guardrails import ALLOWED, BLOCK, REQUIRE_APPROVAL, Guardrails, StatementFacts, Verdict
 from data_plane.postgres import messages as m
 from data_plane.postgres.classify import Unparsable, classify, fingerprint
+from data_plane.postgres.sqlshape import ACCELERATED as SHAPE_ACCELERATED
+from data_plane.postgres.sqlshape import statement_shape
 
 # What the backend is sent instead of a blocked statement: rejected by its parser, nothing runs.
 REFUSED_TEXT = "PROCTOR_BLOCKED_STATEMENT"
@@ -55,7 +57,12 @@ class StatementGuard:
             if verdict is not None:
                 self.hits += 1
                 return verdict
-        shape = fingerprint(text)
+        # The shape: literals stripped by a fast lexer that follows PostgreSQL's (C, ~0.3 µs); where it
+        # declines, PostgreSQL's own fingerprint (~10 µs). Either way, literal values do not change it.
+        shape = statement_shape(text) if SHAPE_ACCELERATED else None
+        if shape is None:
+            fingerprinted = fingerprint(text)
+            shape = "fp:" + fingerprinted if fingerprinted else None
         cached = self._by_shape.get_fresh(shape) if shape else None
         if cached is not None:
             self.hits += 1
@@ -72,9 +79,11 @@ class StatementGuard:
                 verdict = ALLOWED
             else:
                 verdict = self.guardrails.evaluate(facts, text)
-            # Facts that depend on literal values (a harmless set_config) are cached by exact text only.
+            # Facts that depend on literal values (set_config's setting) are cached by exact text only.
             if shape and facts is not None and not any(f.literal_sensitive for f in facts):
                 self._by_shape.put(shape, verdict if by_text else facts)
+        if by_text and shape is not None and not shape.startswith("fp:"):
+            return verdict  # the shape cache answers repeats as cheaply as the text cache would
         if by_text:
             self._by_text.put(text, verdict)
         return verdict

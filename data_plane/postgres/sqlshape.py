@@ -20,10 +20,14 @@ None, by caution: an unterminated string, quoted identifier, dollar quote or blo
 `U&'...'` and `U&"..."`; a backslash in a standard string (its extent depends on
 standard_conforming_strings) or outside any literal; E-string escapes whose value can make the
 statement fail to parse (`\\u`, `\\U`, `\\x`, octal, a backslash before a non-ASCII character); `''`
-right after a bit or hex string; a number or parameter followed by an identifier character or a
-dot (`1abc`, `0x1g`, `1e`, `1..2`, `$1a`); `.5` right after an identifier, `)`, `]`, a quote or a
-dot (`t.1`); a `$` that starts neither a parameter nor a dollar quote; `?` outside literals (it is
-the placeholder, and jsonb's operator); `{`, `}`, control characters, NUL and lone surrogates.
+right after a bit or hex string; a number followed by an identifier character or a dot (`1abc`,
+`0x1g`, `1e`, `1..2`) and a parameter followed by an identifier character (`$1a`, which PostgreSQL
+rejects and libpg_query accepts); `.5` right after an identifier, `)`, `]`, a quote or a dot
+(`t.1`); a `$` that starts neither a parameter nor a dollar quote; `?` outside literals (it is the
+placeholder, and jsonb's operator); `{`, `}`, control characters, NUL and lone surrogates.
+
+So two statements with the same shape are the same sequence of PostgreSQL tokens, literal values
+aside (integers and floats are one kind: PostgreSQL itself turns an integer too large into a float).
 
 A C accelerator does the scan when it was compiled (`ACCELERATED`); it works on the UTF-8 bytes and
 behaves exactly like the pure-Python fallback below.
@@ -40,22 +44,31 @@ NUMBER = "?"
 STRING = "'?'"
 
 _HIGH = r"\x80-\U0010ffff"  # every non-ASCII character: PostgreSQL reads bytes >= 0x80 as letters
+_IDENT_CONT = rf"A-Za-z0-9_${_HIGH}"
 _DIGITS = r"[0-9](?:_?[0-9])*"
+# A run of what the shape keeps as it stands, one regex match however long: words that are not a
+# literal's prefix, punctuation that starts no comment and no number, whitespace. The alternatives
+# start on disjoint characters, so the possessive repeats only save time.
+_RUN = (
+    rf"(?:(?![eEbBxXnN]'|[uU]&['\"])[A-Za-z_{_HIGH}][{_IDENT_CONT}]*+"
+    r"|[,()\[\];:~!@\#^&|`+*%<>= \t\n\r\f\v]++|-(?!-)|/(?!\*)|\.(?![0-9]))++"
+)
 _TOKEN = re.compile(
     rf"""
-      (?P<space>[ \t\n\r\f\v]+|--[^\n\r]*)
-    | (?P<word>[A-Za-z_{_HIGH}][A-Za-z0-9_${_HIGH}]*)
-    | (?P<number>0[xX](?:_?[0-9A-Fa-f])+|0[oO](?:_?[0-7])+|0[bB](?:_?[01])+
+      (?P<number>0[xX](?:_?[0-9A-Fa-f])+|0[oO](?:_?[0-7])+|0[bB](?:_?[01])+
                  |(?:{_DIGITS}(?:\.(?:{_DIGITS})?)?|\.{_DIGITS})(?:[eE][-+]?{_DIGITS})?)
+    | (?P<run>{_RUN})
+    | (?P<space>--[^\n\r]*)
+    | (?P<word>[A-Za-z_{_HIGH}][{_IDENT_CONT}]*)
     | (?P<param>\$[0-9]+)
     | (?P<comment>/\*)
-    | (?P<punct>[,()\[\].;:~!@\#^&|`+\-*/%<>=])
     | (?P<quote>')
     | (?P<ident>")
     | (?P<dollar>\$)
     """,
     re.VERBOSE,
 )
+_WHITESPACE = re.compile(r"[ \t\n\r\f\v]+")
 _DOLLAR_TAG = re.compile(rf"(?:[A-Za-z_{_HIGH}][A-Za-z0-9_{_HIGH}]*)?\$")
 _COMMENT_MARK = re.compile(r"/\*|\*/")
 _ESCAPE_STOP = re.compile(r"['\\]")
@@ -191,6 +204,21 @@ def _statement_shape_py(text: str) -> str | None:
             return None
         kind = token.lastgroup
         end = token.end()
+        if kind == "run":
+            run = text[pos:end]
+            if "  " in run or not run.isprintable():  # tabs, newlines, repeated spaces: one space
+                run = _WHITESPACE.sub(" ", run)
+            if run[0] == " ":
+                space = True
+                run = run[1:]
+            if run:
+                trailing = run[-1] == " "
+                if space and parts:
+                    parts.append(" ")
+                parts.append(run[:-1] if trailing else run)
+                space = trailing
+            pos = end
+            continue
         if kind == "space":
             space = True
             pos = end
@@ -222,8 +250,6 @@ def _statement_shape_py(text: str) -> str | None:
             if end < size and (_is_ident_cont(text[end]) or text[end] == "."):
                 return None
             piece = NUMBER
-        elif kind == "punct":
-            piece = text[pos]
         elif kind == "quote":
             end, piece = _quoted_end(text, pos, _STANDARD), STRING
             if end < 0:
