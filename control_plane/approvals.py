@@ -27,13 +27,11 @@ from control_plane.contract import (
     CLASS_DATASTORE_ACTIVITY,
     STATUS_FAILURE,
     STATUS_SUCCESS,
-    GrantInvalid,
-    GrantKeySet,
     Identity,
     evidence_event,
-    verify_grant,
 )
 from control_plane.errors import Conflict, Forbidden, NotFound, ServiceUnavailable
+from control_plane.grant_check import recheck_grant
 from control_plane.ids import new_id
 from control_plane.policy import is_member
 from control_plane.runtime import Services, current_audit
@@ -284,17 +282,7 @@ def request_for_statement(svc: Services, grant_token: str, *, session_id: str | 
                           reason: str) -> Approval:
     """A gateway holds a statement: the grant is re-checked and the approval rules come from the
     policy version the grant names. The approval never outlives the grant."""
-    try:
-        claims = verify_grant(grant_token, GrantKeySet(svc.signer.jwks()))
-    except GrantInvalid as exc:
-        raise Forbidden(str(exc)) from exc
-    audit = current_audit()
-    audit.identity = claims.identity
-    audit.fields.update(grant_id=claims.grant_id, target_name=claims.target, target_kind=claims.target_kind,
-                        backend_user=claims.backend_role, database_name=claims.database, session_id=session_id,
-                        policy_name=claims.policy_name, policy_version=claims.policy_version, rule=rule)
-    if svc.state.is_revoked(claims.grant_id):
-        raise Forbidden("grant revoked")
+    claims = recheck_grant(svc, grant_token, session_id=session_id, rule=rule)
     target = svc.config.get_target(claims.target)
     policy = svc.config.get_policy(claims.policy_name, claims.policy_version)
     rules = ApprovalRules.of_policy(policy, svc.settings)

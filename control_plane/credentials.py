@@ -8,8 +8,8 @@ from typing import Any
 
 from botocore.exceptions import ClientError
 
-from control_plane.contract import GrantInvalid, GrantKeySet, verify_grant
 from control_plane.errors import Forbidden, NotFound
+from control_plane.grant_check import recheck_grant
 from control_plane.runtime import Services, current_audit
 
 
@@ -34,18 +34,8 @@ def is_gateway_caller(user_arn: str | None, principals: tuple[str, ...]) -> bool
 
 def issue_credential(svc: Services, token: str, *, session_id: str | None, caller: str,
                      version_stage: str = "AWSCURRENT") -> dict[str, Any]:
-    try:
-        claims = verify_grant(token, GrantKeySet(svc.signer.jwks()))
-    except GrantInvalid as exc:
-        raise Forbidden(str(exc)) from exc
+    claims = recheck_grant(svc, token, session_id=session_id)
     audit = current_audit()
-    audit.identity = claims.identity
-    audit.fields.update(grant_id=claims.grant_id, target_name=claims.target, target_kind=claims.target_kind,
-                        backend_user=claims.backend_role, database_name=claims.database,
-                        session_id=session_id, policy_name=claims.policy_name,
-                        policy_version=claims.policy_version)
-    if svc.state.is_revoked(claims.grant_id):
-        raise Forbidden("grant revoked")
     target = svc.config.get_target(claims.target)
     secret_id = (target.get("role_secrets") or {}).get(claims.backend_role) or target["secret_id"]
     try:
