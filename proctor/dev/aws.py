@@ -62,10 +62,18 @@ def session() -> boto3.Session:
                          region_name=REGION)
 
 
+_shared: boto3.Session | None = None
+
+
 def client(endpoint: str | None, service: str, *, using: boto3.Session | None = None) -> Any:
     """A client of moto's server (or, with no endpoint, of whatever boto3 is pointed at: in tests,
-    moto in-process). Pass `using` to share one session's loaded models between clients."""
-    return (using or session()).client(service, endpoint_url=endpoint)
+    moto in-process). Clients share one session, so service models load once per process."""
+    global _shared
+    if using is None:
+        if _shared is None:
+            _shared = session()
+        using = _shared
+    return using.client(service, endpoint_url=endpoint)
 
 
 @dataclass(frozen=True)
