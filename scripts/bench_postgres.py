@@ -1,10 +1,11 @@
 #!/usr/bin/env python3
 """Benchmark the PostgreSQL data path in one run, against the same hermetic PostgreSQL of the local
 stack: direct (plaintext TCP, SCRAM) vs pgbouncer (session pooling, plaintext) vs pgbouncer with client
-TLS required vs the Proctor gateway (TLS, full recording). Prints a table and writes BENCHMARKS.md at the
-repository root.
+TLS required vs the Proctor gateway (TLS, full recording), with guardrails and (pgbench only) without.
+Prints a table and writes BENCHMARKS.md at the repository root.
 
     .venv/bin/python scripts/bench_postgres.py [--duration 10] [--quick] [--skip-gateway]
+                                               [--suites pgbench,transfer,connect,idle]
 
 See scripts/README.md for what is measured and how.
 """
@@ -49,7 +50,15 @@ from proctor.dev.stack import down, read_state, state_dir, up, write_state  # no
 from proctor.dev.tls import make_ca_and_server_cert  # noqa: E402
 
 # pgbouncer+tls: pgbouncer as above but requiring client TLS, as the gateway does (like-for-like on TLS).
-PATHS = ("direct", "pgbouncer", "pgbouncer+tls", "gateway")
+# gateway: a grant under the seeded policy pipeline-acme-app, which has guardrails; gateway (no guardrails):
+# the same gateway process, a grant under a policy the script creates without any (pgbench suite only).
+GATEWAY_PLAIN = "gateway (no guardrails)"
+PATHS = ("direct", "pgbouncer", "pgbouncer+tls", "gateway", GATEWAY_PLAIN)
+PGBENCH_ONLY = (GATEWAY_PLAIN,)  # paths the transfer, connect and idle suites skip ("—" in the table)
+SUITES = ("pgbench", "transfer", "connect", "idle")
+# The policy without guardrails: same target, backend role and session length as pipeline-acme-app.
+PLAIN_POLICY = "bench-no-guardrails"
+PLAIN_REPOSITORY = "acme/bench"
 NOISY_LOAD = 1.5  # 1-min load average at the start above which the run warns that figures will be noisy
 SSL_REQUEST = struct.pack("!ii", 8, 80877103)
 SELECT_SQL = "SELECT * FROM pgbench_accounts"
@@ -118,6 +127,7 @@ class Bench:
     load_at_start: tuple[float, float, float] = field(default_factory=os.getloadavg)
     suite_loads: list[tuple[str, tuple[float, float, float]]] = field(default_factory=list)
     pgbouncer_tls_source: str = ""
+    grant_policies: dict[str, str] = field(default_factory=dict)  # gateway path → "policy vN" of its grant
 
     def record(self, key: str, path: str, figure: Figure) -> None:
         self.results.setdefault(key, {})[path] = figure
@@ -362,12 +372,35 @@ def gateway_problem(state: dict[str, Any]) -> str | None:
     return None
 
 
-def request_grant(state: dict[str, Any]) -> dict[str, Any]:
-    from proctor.api_client import ApiClient
+def issuer(state: dict[str, Any]) -> Any:
     from proctor.dev.oidc_issuer import DevIssuer
 
-    token = DevIssuer(Path(state["oidc_key"]), state["oidc_issuer"]).mint(
-        "ci", claims={"repository": "acme/app", "run_id": "bench", "actor": "bench"})
+    return DevIssuer(Path(state["oidc_key"]), state["oidc_issuer"])
+
+
+def create_plain_policy(state: dict[str, Any]) -> str:
+    """As an admin, create the policy without guardrails (201; 409 when it already exists is fine)."""
+    from proctor.api_client import ApiClient, ApiError
+
+    token = issuer(state).mint("bench-admin@example.com", groups=("admins",))
+    SECRETS.append(token)
+    body = {"name": PLAIN_POLICY, "subjects": [{"claims": {"repository": PLAIN_REPOSITORY}}],
+            "targets": [seed.DEMO_TARGET], "backend_role": seed.ROLE_RW, "max_session_seconds": 3600}
+    try:
+        status, _ = ApiClient(state["api_url"], token).post("/v1/policies", body)
+    except ApiError as exc:
+        if exc.status == 409:
+            return f"policy {PLAIN_POLICY} already existed (409)"
+        raise RuntimeError(f"could not create policy {PLAIN_POLICY}: {exc}") from None
+    if status != 201:
+        raise RuntimeError(f"could not create policy {PLAIN_POLICY}: the control plane answered {status}")
+    return f"policy {PLAIN_POLICY} created (201)"
+
+
+def request_grant(state: dict[str, Any], repository: str, run_id: str) -> dict[str, Any]:
+    from proctor.api_client import ApiClient
+
+    token = issuer(state).mint("ci", claims={"repository": repository, "run_id": run_id, "actor": "bench"})
     status, grant = ApiClient(state["api_url"], token).post("/v1/grants", {"target": seed.DEMO_TARGET,
                                                                            "reason": "benchmark"})
     if status != 201:
@@ -375,12 +408,15 @@ def request_grant(state: dict[str, Any]) -> dict[str, Any]:
     return grant
 
 
-def gateway_endpoint(state: dict[str, Any]) -> Endpoint:
-    grant = request_grant(state)
+def gateway_endpoint(state: dict[str, Any], name: str, repository: str, run_id: str) -> tuple[Endpoint, str]:
+    """The endpoint of a grant for a pipeline of `repository`, and which policy (version) issued it."""
+    grant = request_grant(state, repository, run_id)
     SECRETS.append(grant["token"])
     conn = grant["connection"]
-    return Endpoint("gateway", conn["host"], int(conn["port"]), conn["user"], grant["token"], "require",
-                    database=conn.get("database") or seed.DEMO_DATABASE, pid=state["pids"]["gateway"])
+    policy = grant.get("policy") or {}
+    endpoint = Endpoint(name, conn["host"], int(conn["port"]), conn["user"], grant["token"], "require",
+                        database=conn.get("database") or seed.DEMO_DATABASE, pid=state["pids"]["gateway"])
+    return endpoint, f"{policy.get('name', '?')} v{policy.get('version', '?')}"
 
 
 # ------------------------------------------------------------------------------------------------
@@ -561,6 +597,11 @@ def suite_start(bench: Bench, suite: str) -> None:
         f"on {os.cpu_count()} cores")
 
 
+def suite_paths() -> list[str]:
+    """The paths of the transfer, connect and idle suites: all but the pgbench-only ones."""
+    return [path for path in PATHS if path not in PGBENCH_ONLY]
+
+
 def run_pgbench_suite(bench: Bench) -> None:
     suite_start(bench, "pgbench")
     duration = bench.args.duration
@@ -580,7 +621,7 @@ def run_transfer_suite(bench: Bench) -> None:
     with contextlib.suppress(RuntimeError, subprocess.TimeoutExpired):  # page cache warm-up, not recorded
         psql_wall_times(bench.endpoints["direct"], SELECT_SQL, 1)
     for name, sql in (("select", SELECT_SQL), ("copy", COPY_SQL)):
-        for path in PATHS:
+        for path in suite_paths():
             attempt(bench, [f"{name}-wall", f"{name}-mbps"], path, lambda p=path, s=sql, n=name:
                     transfer_figures(bench.endpoints[p], s, bench.args.repeat, bench.payload_bytes[n]))
 
@@ -593,14 +634,14 @@ def latency_figures(ep: Endpoint, count: int) -> tuple[Figure, Figure]:
 
 def run_connect_suite(bench: Bench) -> None:
     suite_start(bench, "connect")
-    for path in PATHS:
+    for path in suite_paths():
         attempt(bench, ["connect-p50", "connect-p99"], path,
                 lambda p=path: latency_figures(bench.endpoints[p], bench.args.connections))
 
 
 def run_idle_suite(bench: Bench) -> None:
     suite_start(bench, "idle")
-    for path in PATHS:
+    for path in suite_paths():
         if path == "direct":
             bench.record("idle-kib", path, Figure(error="n/a"))  # a backend per session is PostgreSQL's cost
             continue
@@ -613,31 +654,49 @@ def run_idle_suite(bench: Bench) -> None:
 # ------------------------------------------------------------------------------------------------
 
 
+Target = tuple[str, str, float]  # (a path, or "top/bottom" for a ratio of two paths; comparison; threshold)
+
+
 @dataclass(frozen=True)
 class Row:
+    suite: str
     key: str
     label: str
     digits: int
-    target: tuple[str, str, float] | None = None  # (ratio or value, comparison, threshold)
+    targets: tuple[Target, ...] = ()
+
+
+# The ratio columns: (top, bottom) → header. gateway/pgbouncer (plaintext) is the issue's target;
+# gateway/pgbouncer+tls compares like for like on TLS; gw/gw-no-guardrails is what guardrails cost.
+RATIOS: dict[tuple[str, str], str] = {
+    ("pgbouncer", "direct"): "pgbouncer/direct",
+    ("gateway", "direct"): "gateway/direct",
+    ("gateway", "pgbouncer"): "gateway/pgbouncer",
+    ("gateway", "pgbouncer+tls"): "gateway/pgbouncer+tls",
+    ("gateway", GATEWAY_PLAIN): "gw/gw-no-guardrails",
+}
 
 
 def rows(bench: Bench) -> list[Row]:
+    """The table's rows, of the suites this run measures."""
     d = bench.args.duration
-    return [
-        Row("pgbench-simple-c1", f"pgbench -S simple, 1 client, {d} s (TPS)", 0),
-        Row("pgbench-simple-c8", f"pgbench -S simple, 8 clients, {d} s (TPS)", 0, ("gateway/pgbouncer", ">=", 1.0)),
-        Row("pgbench-prepared-c1", f"pgbench -S prepared, 1 client, {d} s (TPS)", 0),
-        Row("pgbench-prepared-c8", f"pgbench -S prepared, 8 clients, {d} s (TPS)", 0,
-            ("gateway/pgbouncer", ">=", 1.0)),
-        Row("select-wall", "1M-row SELECT, wall time (s)", 2),
-        Row("select-mbps", "1M-row SELECT (MB/s)", 1, ("gateway/direct", ">=", 0.8)),
-        Row("copy-wall", "COPY OUT 1M rows, wall time (s)", 2),
-        Row("copy-mbps", "COPY OUT 1M rows (MB/s)", 1, ("gateway/direct", ">=", 0.8)),
-        Row("connect-p50", "connect + SELECT 1 + close, p50 (ms)", 2),
-        Row("connect-p99", "connect + SELECT 1 + close, p99 (ms)", 2),
-        Row("idle-kib", f"RSS per idle session, {bench.args.idle_sessions} sessions (KiB)", 1,
-            ("gateway", "<=", 50.0)),
-    ]
+    to_pgbouncer: Target = ("gateway/pgbouncer", ">=", 1.0)
+    to_plain: Target = (f"gateway/{GATEWAY_PLAIN}", ">=", 0.9)
+    return [row for row in [
+        Row("pgbench", "pgbench-simple-c1", f"pgbench -S simple, 1 client, {d} s (TPS)", 0),
+        Row("pgbench", "pgbench-simple-c8", f"pgbench -S simple, 8 clients, {d} s (TPS)", 0,
+            (to_pgbouncer, to_plain)),
+        Row("pgbench", "pgbench-prepared-c1", f"pgbench -S prepared, 1 client, {d} s (TPS)", 0),
+        Row("pgbench", "pgbench-prepared-c8", f"pgbench -S prepared, 8 clients, {d} s (TPS)", 0, (to_pgbouncer,)),
+        Row("transfer", "select-wall", "1M-row SELECT, wall time (s)", 2),
+        Row("transfer", "select-mbps", "1M-row SELECT (MB/s)", 1, (("gateway/direct", ">=", 0.8),)),
+        Row("transfer", "copy-wall", "COPY OUT 1M rows, wall time (s)", 2),
+        Row("transfer", "copy-mbps", "COPY OUT 1M rows (MB/s)", 1, (("gateway/direct", ">=", 0.8),)),
+        Row("connect", "connect-p50", "connect + SELECT 1 + close, p50 (ms)", 2),
+        Row("connect", "connect-p99", "connect + SELECT 1 + close, p99 (ms)", 2),
+        Row("idle", "idle-kib", f"RSS per idle session, {bench.args.idle_sessions} sessions (KiB)", 1,
+            (("gateway", "<=", 50.0),)),
+    ] if row.suite in bench.args.suites]
 
 
 def cell(figure: Figure | None, digits: int) -> str:
@@ -656,32 +715,33 @@ def ratio(figures: dict[str, Figure], top: str, bottom: str) -> float | None:
 
 
 def target_status(row: Row, figures: dict[str, Figure]) -> str:
-    if row.target is None:
-        return ""
-    subject, op, threshold = row.target
-    if "/" in subject:
-        value = ratio(figures, *subject.split("/"))
-    else:
-        value = figures.get(subject).value if figures.get(subject) else None
-    wanted = f"{subject} {'≥' if op == '>=' else '≤'} " + (f"{threshold:.1f}x" if "/" in subject else f"{threshold:g}")
-    if value is None:
-        return f"{wanted}: not measured"
-    met = value >= threshold if op == ">=" else value <= threshold
-    return f"{wanted}: {'met' if met else 'MISSED'}"
+    statuses = []
+    for subject, op, threshold in row.targets:
+        if "/" in subject:
+            top, bottom = subject.split("/")
+            value = ratio(figures, top, bottom)
+            wanted = f"{RATIOS.get((top, bottom), subject)} {'≥' if op == '>=' else '≤'} {threshold:.1f}x"
+        else:
+            value = figures.get(subject).value if figures.get(subject) else None
+            wanted = f"{subject} {'≥' if op == '>=' else '≤'} {threshold:g}"
+        if value is None:
+            statuses.append(f"{wanted}: not measured")
+            continue
+        met = value >= threshold if op == ">=" else value <= threshold
+        statuses.append(f"{wanted}: {'met' if met else 'MISSED'}")
+    return "; ".join(statuses)
 
 
 def render_table(bench: Bench) -> str:
     def fmt_ratio(value: float | None) -> str:
         return "—" if value is None else f"{value:.2f}x"
 
-    # gateway/pgbouncer (plaintext) is the issue's target; gateway/pgbouncer+tls compares like for like on TLS.
-    pairs = (("pgbouncer", "direct"), ("gateway", "direct"), ("gateway", "pgbouncer"), ("gateway", "pgbouncer+tls"))
-    header = [*PATHS, *(f"{a}/{b}" for a, b in pairs)]
+    header = [*PATHS, *RATIOS.values()]
     lines = [f"| measurement | {' | '.join(header)} | target |", "|---|" + "--:|" * len(header) + "---|"]
     for row in rows(bench):
         figures = bench.results.get(row.key, {})
-        values = [cell(figures.get(p), row.digits) for p in PATHS]
-        ratios = [fmt_ratio(ratio(figures, a, b)) for a, b in pairs]
+        values = [cell(figures.get(p), row.digits) for p in PATHS]  # a path a suite skips shows "—"
+        ratios = [fmt_ratio(ratio(figures, a, b)) for a, b in RATIOS]
         lines.append(f"| {row.label} | {' | '.join(values)} | {' | '.join(ratios)} | {target_status(row, figures)} |")
     return "\n".join(lines)
 
@@ -738,19 +798,29 @@ def machine_info(bench: Bench) -> list[tuple[str, str]]:
 def parameters(bench: Bench) -> list[str]:
     a = bench.args
     payload = bench.payload_bytes
-    return [
-        f"pgbench: `pgbench -n -S --protocol={{simple,prepared}} -c 1 -j 1` and `-c 8 -j 2`, `-T {a.duration}`, "
-        f"scale {a.scale} (`pgbench -i -s {a.scale} -I dtGvp` as `app_rw`); one unrecorded warm-up run first",
-        f"1M-row SELECT: `psql -X -q -A -t -o /dev/null -c \"{SELECT_SQL}\"`, median of {a.repeat} runs, wall time "
-        f"of the psql process (its connect included); MB/s = {payload.get('select', 0):,} bytes of DataRow "
-        f"messages ({payload.get('rows', 0):,} rows) / wall time, 1 MB = 10⁶ bytes",
-        f"COPY OUT: `psql -X -q -A -t -o /dev/null -c \"{COPY_SQL}\"`, median of {a.repeat} runs; MB/s = "
-        f"{payload.get('copy', 0):,} bytes of CopyData messages / wall time",
-        f"connection setup: {a.connections} sequential psycopg `connect()` + `SELECT 1` + `close()` per path",
-        f"idle sessions: {a.idle_sessions} psycopg AsyncConnections opened {a.connect_concurrency} at a time and "
-        "left idle; RSS = VmRSS from /proc/<pid>/status of the server process plus its descendants (the "
-        "gateway's shipper child; pgbouncer has none), read after a "
-        "20-connection warm-up and again 2 s after all sessions are open; KiB per session = growth / sessions opened",
+    rules = ", ".join(f"`{rule['name']}` ({rule['action']})" for rule in seed.PIPELINE_GUARDRAILS)
+    by_suite = [
+        ("pgbench", f"pgbench: `pgbench -n -S --protocol={{simple,prepared}} -c 1 -j 1` and `-c 8 -j 2`, "
+         f"`-T {a.duration}`, scale {a.scale} (`pgbench -i -s {a.scale} -I dtGvp` as `app_rw`); one unrecorded "
+         "warm-up run first (direct); every path in turn for each protocol and client count"),
+        ("pgbench", "pgbench -S sends `SELECT abalance FROM pgbench_accounts WHERE aid = <random>`: with "
+         "`--protocol=simple` every Query carries a new literal, so no two query texts are alike and the gateway "
+         "with guardrails exercises its verdict cache by statement shape (literals stripped: one lookup, not a "
+         "parse, per statement); with `--protocol=prepared` each session sends one Parse and then only "
+         "Bind/Execute"),
+        ("transfer", f"1M-row SELECT: `psql -X -q -A -t -o /dev/null -c \"{SELECT_SQL}\"`, median of {a.repeat} "
+         f"runs, wall time of the psql process (its connect included); MB/s = {payload.get('select', 0):,} bytes "
+         f"of DataRow messages ({payload.get('rows', 0):,} rows) / wall time, 1 MB = 10⁶ bytes"),
+        ("transfer", f"COPY OUT: `psql -X -q -A -t -o /dev/null -c \"{COPY_SQL}\"`, median of {a.repeat} runs; "
+         f"MB/s = {payload.get('copy', 0):,} bytes of CopyData messages / wall time"),
+        ("connect", f"connection setup: {a.connections} sequential psycopg `connect()` + `SELECT 1` + `close()` "
+         "per path"),
+        ("idle", f"idle sessions: {a.idle_sessions} psycopg AsyncConnections opened {a.connect_concurrency} at a "
+         "time and left idle; RSS = VmRSS from /proc/<pid>/status of the server process plus its descendants (the "
+         "gateway's shipper child; pgbouncer has none), read after a 20-connection warm-up and again 2 s after "
+         "all sessions are open; KiB per session = growth / sessions opened"),
+    ]
+    return [text for suite, text in by_suite if suite in a.suites] + [
         "direct: TCP to 127.0.0.1, `sslmode=disable`, SCRAM-SHA-256 as `app_rw`",
         f"pgbouncer: session pooling, `default_pool_size = {PGBOUNCER_POOL_SIZE}`, `max_client_conn = "
         f"{PGBOUNCER_MAX_CLIENTS}`, `auth_type = scram-sha-256` (plaintext userlist), `sslmode=disable`, "
@@ -761,7 +831,15 @@ def parameters(bench: Bench) -> list[str]:
         "verification, as for the gateway); pgbouncer to PostgreSQL stays plaintext",
         "gateway: the local stack's gateway (`proctor dev up`) with its default full recording, "
         "`sslmode=require` (the gateway terminates client TLS, as pgbouncer+tls does; direct and pgbouncer are "
-        "plaintext), user = grant id, password = grant JWT",
+        "plaintext), user = grant id, password = grant JWT; the grant of a pipeline token (`repository: "
+        f"acme/app`), issued under the seeded policy {bench.grant_policies.get('gateway', 'pipeline-acme-app')} "
+        f"with its {len(seed.PIPELINE_GUARDRAILS)} guardrails: {rules}",
+        f"{GATEWAY_PLAIN}: the same gateway process and settings, the grant of a pipeline token (`repository: "
+        f"{PLAIN_REPOSITORY}`), issued under {bench.grant_policies.get(GATEWAY_PLAIN, PLAIN_POLICY)}, a policy "
+        f"the script creates through the API as an admin with the same target (`{seed.DEMO_TARGET}`), backend "
+        f"role (`{seed.ROLE_RW}`) and `max_session_seconds` (3600) and no guardrails, so no statement is parsed; "
+        "measured in the pgbench suite only (— elsewhere); gw/gw-no-guardrails = gateway ÷ gateway (no "
+        "guardrails), what the guardrails cost",
         "everything (clients, pgbouncer, gateway, PostgreSQL, moto) shares the same cores",
     ]
 
@@ -774,9 +852,9 @@ def render_report(bench: Bench) -> str:
     return scrub(f"""# PostgreSQL data path benchmarks
 
 Direct vs pgbouncer (session pooling) vs pgbouncer with client TLS vs the Proctor gateway (TLS, full
-recording), one run against the same hermetic PostgreSQL. Generated by `{command.strip()}`; ratios are
-path ÷ path of the figure as shown (for TPS and MB/s above 1x is faster, for times and latencies above 1x
-is slower).
+recording) with guardrails and (pgbench only) without, one run against the same hermetic PostgreSQL.
+Generated by `{command.strip()}`; ratios are path ÷ path of the figure as shown (for TPS and MB/s above 1x
+is faster, for times and latencies above 1x is slower).
 
 {render_table(bench)}
 
@@ -805,6 +883,15 @@ is slower).
 # ------------------------------------------------------------------------------------------------
 
 
+def suite_list(value: str) -> tuple[str, ...]:
+    wanted = {name.strip() for name in value.split(",") if name.strip()}
+    unknown = sorted(wanted - set(SUITES))
+    if unknown or not wanted:
+        raise argparse.ArgumentTypeError(f"unknown suite(s) {', '.join(unknown) or '(none given)'}: "
+                                         f"choose among {','.join(SUITES)}")
+    return tuple(name for name in SUITES if name in wanted)  # always in the usual order
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -820,6 +907,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--connect-concurrency", type=int, default=50, help="idle sessions opened at a time")
     parser.add_argument("--state-dir", default=str(REPO / ".proctor" / "bench"))
     parser.add_argument("--output", default=str(REPO / "BENCHMARKS.md"))
+    parser.add_argument("--suites", type=suite_list, default=SUITES, metavar="LIST",
+                        help=f"comma-separated suites to run, among {','.join(SUITES)} (default: all)")
     args = parser.parse_args(argv)
     if args.quick:
         args.duration, args.idle_sessions, args.repeat = 3, 200, 1
@@ -833,10 +922,12 @@ def prepare(bench: Bench, directory: Path) -> None:
     pg = state["postgres"]
     bench.endpoints["direct"] = Endpoint("direct", pg["host"], int(pg["port"]), seed.ROLE_RW, password, "disable",
                                          pid=state["pids"]["postgres"])
-    bench.notes.append(ensure_max_connections(state, bench.args.idle_sessions + 100, directory))
+    if "idle" in bench.args.suites:  # only the idle sessions need more than the default
+        bench.notes.append(ensure_max_connections(state, bench.args.idle_sessions + 100, directory))
     log(f"pgbench -i -s {bench.args.scale}")
     init_pgbench(bench.endpoints["direct"], bench.args.scale)
-    bench.payload_bytes = measure_payload_bytes(bench.endpoints["direct"])
+    if "transfer" in bench.args.suites:
+        bench.payload_bytes = measure_payload_bytes(bench.endpoints["direct"])
 
 
 def prepare_pgbouncer(bench: Bench, name: str, directory: Path, bouncers: list[PgBouncer]) -> None:
@@ -867,18 +958,33 @@ def negotiated_tls(ep: Endpoint) -> str:
 
 
 def prepare_gateway(bench: Bench) -> None:
+    """Two grants on the same gateway: under pipeline-acme-app (guardrails) and under a policy without any."""
+    plain_wanted = "pgbench" in bench.args.suites  # the only suite that measures the path without guardrails
     if bench.args.skip_gateway:
-        bench.unavailable["gateway"] = "skipped (--skip-gateway)"
+        bench.unavailable["gateway"] = bench.unavailable[GATEWAY_PLAIN] = "skipped (--skip-gateway)"
         return
+    if not plain_wanted:
+        bench.unavailable[GATEWAY_PLAIN] = "measured in the pgbench suite only, which this run skips"
     problem = gateway_problem(bench.state)
-    if problem is None:
+    if problem is not None:
+        print(f"!! gateway not benchmarked: {problem}", flush=True)
+        bench.unavailable["gateway"] = problem
+        bench.unavailable.setdefault(GATEWAY_PLAIN, problem)
+        return
+    grants = [("gateway", "acme/app", "bench")] + ([(GATEWAY_PLAIN, PLAIN_REPOSITORY, "bench-plain")]
+                                                    if plain_wanted else [])
+    for name, repository, run_id in grants:
         try:
-            bench.endpoints["gateway"] = gateway_endpoint(bench.state)
-            return
-        except Exception as exc:  # a missing grant is a reason to report, not to abort
-            problem = scrub(f"could not get a grant: {type(exc).__name__}: {exc}")
-    print(f"!! gateway not benchmarked: {problem}", flush=True)
-    bench.unavailable["gateway"] = problem
+            if name == GATEWAY_PLAIN:
+                log(create_plain_policy(bench.state))
+            endpoint, policy = gateway_endpoint(bench.state, name, repository, run_id)
+        except Exception as exc:  # a missing policy or grant is a reason to report, not to abort
+            bench.unavailable[name] = scrub(f"could not get a grant: {type(exc).__name__}: {exc}")
+            print(f"!! {name} not benchmarked: {bench.unavailable[name]}", flush=True)
+            continue
+        bench.endpoints[name] = endpoint
+        bench.grant_policies[name] = policy
+        log(f"{name}: grant under policy {policy}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -903,6 +1009,15 @@ def main(argv: list[str] | None = None) -> int:
                        "in plaintext, so gateway/direct and gateway/pgbouncer include the cost of client TLS; the "
                        "pgbouncer+tls column (the same pgbouncer, client TLS required) is there to compare like "
                        "for like: gateway/pgbouncer+tls. The target stays gateway/pgbouncer (plaintext)")
+    if "pgbench" in args.suites:
+        bench.notes.append(f"gateway and {GATEWAY_PLAIN} are the same gateway process, two grants: under the seeded "
+                           f"policy pipeline-acme-app ({len(seed.PIPELINE_GUARDRAILS)} guardrails) and under "
+                           f"{PLAIN_POLICY} (none); gw/gw-no-guardrails is what the guardrails cost. pgbench -S "
+                           "simple sends a new literal every time, so it measures the verdict cache by statement "
+                           f"shape; {GATEWAY_PLAIN} is measured in the pgbench suite only (— in the other rows)")
+    skipped = [suite for suite in SUITES if suite not in args.suites]
+    if skipped:
+        bench.notes.append(f"suites run: {', '.join(args.suites)}; not run (--suites): {', '.join(skipped)}")
     bouncers: list[PgBouncer] = []
     try:
         prepare(bench, directory)
@@ -914,10 +1029,13 @@ def main(argv: list[str] | None = None) -> int:
             bench.notes.append("client TLS negotiated (psql `\\conninfo`, sslmode=require): " + "; ".join(
                 f"{p} {negotiated_tls(bench.endpoints[p])}" for p in tls_paths))
         bench.notes += [f"{path} not measured: {why}" for path, why in bench.unavailable.items()]
-        run_pgbench_suite(bench)
-        run_transfer_suite(bench)
-        run_connect_suite(bench)
-        run_idle_suite(bench)
+        if bench.grant_policies:
+            bench.notes.append("grants: " + "; ".join(f"{path} under policy {policy}"
+                                                      for path, policy in bench.grant_policies.items()))
+        suites = {"pgbench": run_pgbench_suite, "transfer": run_transfer_suite, "connect": run_connect_suite,
+                  "idle": run_idle_suite}
+        for suite in args.suites:
+            suites[suite](bench)
         report = render_report(bench)
         Path(args.output).write_text(report)
         print("\n" + render_table(bench) + "\n\n" + render_details(bench) + f"\n\nwritten to {args.output}")
