@@ -209,6 +209,32 @@ def test_cancel_reaches_the_backend(stack: Stack) -> None:
     assert rows[0]["sqlstate"] == "57014"
 
 
+def test_listen_notify_and_notices_reach_clients_through_the_gateway(stack: Stack) -> None:
+    token = stack.pipeline_token(run_id="notify-1")
+    listener_info, notifier_info = stack.conninfo(stack.grant(token)), stack.conninfo(stack.grant(token))
+    payload = "release 7 deployed ✓"
+    with psycopg.connect(**listener_info, autocommit=True) as listener, \
+            psycopg.connect(**notifier_info, autocommit=True) as notifier:
+        listener.execute("LISTEN deployments")
+        # Another session through the gateway notifies while the listener sits idle: the backend's
+        # NotificationResponse must be relayed although the listener asked nothing.
+        notifier.execute("SELECT pg_notify('deployments', %s)", (payload,))
+        notifier.execute("NOTIFY deployments, 'second'")
+        received = list(listener.notifies(timeout=10, stop_after=2))
+        assert [(n.channel, n.payload) for n in received] == [("deployments", payload), ("deployments", "second")]
+        assert {n.pid for n in received} == {notifier.execute("SELECT pg_backend_pid()").fetchone()[0]}
+        # Notices arrive mid-statement, before the command completes.
+        notices: list[tuple[str, str | None]] = []
+        listener.add_notice_handler(lambda d: notices.append((d.severity_nonlocalized, d.message_primary)))
+        listener.execute("DO $$ BEGIN RAISE NOTICE 'checked % rows', 42; RAISE WARNING 'careful'; END $$")
+        assert notices == [("NOTICE", "checked 42 rows"), ("WARNING", "careful")]
+        assert listener.execute("SELECT 'still in step'").fetchone() == ("still in step",)
+    rows = events_for_run(stack, "notify-1", at_least=5, containing=("LISTEN", "NOTIFY", "DO $$"))
+    tags = {r["statement"]: r["command_tag"] for r in rows}
+    assert tags["LISTEN deployments"] == "LISTEN" and tags["NOTIFY deployments, 'second'"] == "NOTIFY"
+    assert tags["DO $$ BEGIN RAISE NOTICE 'checked % rows', 42; RAISE WARNING 'careful'; END $$"] == "DO"
+
+
 def test_forged_or_expired_grant_gets_28p01_and_is_recorded(stack: Stack) -> None:
     expired = stack.signed_grant(grant_id="gexpiredone", issued_at=int(time.time()) - 900,
                                  expires_at=int(time.time()) - 300)

@@ -81,8 +81,13 @@ async def connect(credential: Credential, database: str | None, client_params: M
         raise BackendUnavailable(f"cannot reach the target's database: {type(exc).__name__}") from exc
     connection = BackendConnection(reader, writer, credential.host, credential.port, tls=False)
     try:
-        await asyncio.wait_for(_startup(connection, credential, database, client_params, max_message, ca_file),
-                               timeout)
+        try:
+            await asyncio.wait_for(_startup(connection, credential, database, client_params, max_message, ca_file),
+                                   timeout)
+        except ssl.SSLCertVerificationError as exc:
+            raise BackendUnavailable(f"backend TLS certificate verify failed: {exc.verify_message}") from exc
+        except (OSError, asyncio.IncompleteReadError) as exc:  # TLS handshake, reset, startup timeout
+            raise BackendUnavailable(f"the target's database broke off the startup: {type(exc).__name__}") from exc
     except BaseException:
         writer.close()
         raise

@@ -7,6 +7,7 @@ import contextlib
 import glob
 import os
 import pwd
+import re
 import shutil
 import signal
 import socket
@@ -61,6 +62,7 @@ class HermeticPostgres:
     auth: str = "scram-sha-256"
     ssl_cert: str | None = None
     ssl_key: str | None = None
+    ssl_only: bool = False  # with a certificate: refuse TCP clients that do not use TLS (pg_hba `hostssl`)
     base_dir: str | None = None
     extra_conf: tuple[str, ...] = ()
 
@@ -127,6 +129,9 @@ class HermeticPostgres:
                 dst.chmod(0o600)
                 self._own(dst)
             conf += ["ssl = on", "ssl_cert_file = 'server.crt'", "ssl_key_file = 'server.key'"]
+            if self.ssl_only:
+                hba = self.data_dir / "pg_hba.conf"
+                hba.write_text(re.sub(r"(?m)^host(?=\s)", "hostssl", hba.read_text()))
         with open(self.data_dir / "postgresql.auto.conf", "a") as fh:
             fh.write("\n".join(conf) + "\n")
 
