@@ -228,6 +228,12 @@ EVENTS_PREFIX = "events"
 SESSIONS_PREFIX = "sessions"
 RECORDINGS_PREFIX = "recordings"
 
+# The unmasked originals of masked results are sealed under the break-glass KMS key with this
+# encryption context (data_plane.core.sealed); the gateway's key permission is conditioned on it.
+SEALED_CONTEXT_SESSION = "proctor:session"
+SEALED_CONTEXT_PURPOSE = "proctor:purpose"
+SEALED_PURPOSE = "unmasked-payload"
+
 
 _COLUMN_SET = frozenset(EVENT_COLUMN_NAMES)
 

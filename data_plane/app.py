@@ -22,6 +22,7 @@ from data_plane.core.control_plane_client import ControlPlaneClient, ControlPlan
 from data_plane.core.credentials import CredentialBroker
 from data_plane.core.grants import GrantAuthority
 from data_plane.core.registry import SessionRegistry
+from data_plane.core.sealed import BreakGlassKey
 from data_plane.core.spool import Spool, read_json
 from data_plane.postgres.session import PostgresSession
 
@@ -42,6 +43,7 @@ class Gateway:
             spool=Spool(Path(config.spool_dir), fsync_interval=config.fsync_interval_seconds),
             registry=SessionRegistry(),
             tls=tls,
+            sealing=BreakGlassKey.from_config(config),
         )
         self.ctx.registry.on_change(metrics.ACTIVE_SESSIONS.set)
         self.ctx.authority.on_revoked(self.ctx.registry.revoke)

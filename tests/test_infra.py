@@ -139,8 +139,8 @@ def test_recordings_and_evidence_buckets_lock_objects_in_compliance_mode_for_a_y
 
 
 def test_evidence_buckets_encrypt_with_the_rotating_customer_managed_key(evidence: Template) -> None:
-    (key_id,) = _of_type(evidence, "AWS::KMS::Key")
-    evidence.has_resource_properties("AWS::KMS::Key", {"EnableKeyRotation": True})
+    (key_id,) = [k for k in _of_type(evidence, "AWS::KMS::Key") if k != _breakglass_key(evidence)]
+    assert _of_type(evidence, "AWS::KMS::Key")[key_id]["Properties"]["EnableKeyRotation"] is True
     for bucket in _worm_buckets(evidence).values():
         (rule,) = bucket["Properties"]["BucketEncryption"]["ServerSideEncryptionConfiguration"]
         assert rule["ServerSideEncryptionByDefault"]["SSEAlgorithm"] == "aws:kms"
@@ -247,6 +247,58 @@ def test_named_queries_are_valid_athena_sql_over_contract_columns(evidence: Temp
         aliases = {alias.alias for alias in tree.find_all(sqlglot.exp.Alias)}
         unknown = {column.name for column in tree.find_all(sqlglot.exp.Column)} - known - aliases
         assert not unknown, f"{name} uses columns outside the contract: {unknown}"
+
+
+# -- break glass ---------------------------------------------------------------------------------
+
+BREAKGLASS_ROLE_ARN = "arn:aws:iam::123456789012:role/proctor-breakglass"
+PURPOSE_CONDITION = {"StringEquals": {"kms:EncryptionContext:proctor:purpose": "unmasked-payload"}}
+
+
+def _breakglass_key(template: Template) -> str:
+    aliases = _of_type(template, "AWS::KMS::Alias").values()
+    (alias,) = [a for a in aliases if a["Properties"]["AliasName"] == "alias/proctor-breakglass"]
+    return alias["Properties"]["TargetKeyId"]["Fn::GetAtt"][0]
+
+
+def test_the_break_glass_key_rotates_is_kept_and_denies_decrypt_to_all_but_its_role(evidence: Template) -> None:
+    key = _of_type(evidence, "AWS::KMS::Key")[_breakglass_key(evidence)]
+    assert key["Properties"]["EnableKeyRotation"] is True
+    assert key["Properties"].get("KeySpec", "SYMMETRIC_DEFAULT") == "SYMMETRIC_DEFAULT"
+    assert key["DeletionPolicy"] == key["UpdateReplacePolicy"] == "Retain"
+    (deny,) = [s for s in key["Properties"]["KeyPolicy"]["Statement"] if s["Effect"] == "Deny"]
+    assert deny["Principal"] == {"AWS": "*"}
+    assert set(_as_list(deny["Action"])) == {"kms:Decrypt", "kms:ReEncryptFrom"}
+    assert deny["Condition"] == {"ArnNotEquals": {"aws:PrincipalArn": BREAKGLASS_ROLE_ARN}}
+
+
+def test_the_break_glass_role_needs_mfa_and_only_reads_recordings_and_opens_sealed_keys(evidence: Template) -> None:
+    (role_id,) = [
+        logical_id
+        for logical_id, role in _of_type(evidence, "AWS::IAM::Role").items()
+        if role["Properties"].get("RoleName") == "proctor-breakglass"
+    ]
+    role = _of_type(evidence, "AWS::IAM::Role")[role_id]["Properties"]
+    (trust,) = role["AssumeRolePolicyDocument"]["Statement"]
+    assert trust["Principal"] == {"AWS": "arn:aws:iam::123456789012:root"}
+    assert trust["Condition"] == {"Bool": {"aws:MultiFactorAuthPresent": "true"}}
+    assert role["MaxSessionDuration"] == 3600
+
+    statements = _statements(evidence, role_id)
+    assert _actions(statements) == {"kms:Decrypt", "s3:GetObject", "s3:ListBucket"}
+    assert all(s["Effect"] == "Allow" for s in statements)
+    (sealed,) = [s for s in statements if s["Resource"] == {"Fn::GetAtt": [_breakglass_key(evidence), "Arn"]}]
+    assert (sealed["Action"], sealed["Condition"]) == ("kms:Decrypt", PURPOSE_CONDITION)
+    (evidence_key_id,) = [k for k in _of_type(evidence, "AWS::KMS::Key") if k != _breakglass_key(evidence)]
+    (via_s3,) = [s for s in statements if s["Resource"] == {"Fn::GetAtt": [evidence_key_id, "Arn"]}]
+    assert (via_s3["Action"], via_s3["Condition"]) == (
+        "kms:Decrypt", {"StringEquals": {"kms:ViaService": "s3.us-east-1.amazonaws.com"}})
+    (recordings_id,) = [logical_id for logical_id in _worm_buckets(evidence) if "Recordings" in logical_id]
+    (get,) = [s for s in statements if s["Action"] == "s3:GetObject"]
+    assert _flat(get["Resource"]).endswith("/recordings/*")
+    assert {"Fn::GetAtt": [recordings_id, "Arn"]} in get["Resource"]["Fn::Join"][1]
+    (listing,) = [s for s in statements if s["Action"] == "s3:ListBucket"]
+    assert listing["Resource"] == {"Fn::GetAtt": [recordings_id, "Arn"]}
 
 
 # -- control plane -------------------------------------------------------------------------------
@@ -558,6 +610,35 @@ def test_gateway_task_role_writes_only_recording_and_evidence_prefixes(gateway: 
     assert not [a for a in _actions(statements) if a.startswith("secretsmanager:") or a == "s3:GetObject"]
 
 
+def _gateway_task_role(gateway: Template) -> str:
+    (task_role_id,) = [
+        logical_id
+        for logical_id, role in _of_type(gateway, "AWS::IAM::Role").items()
+        if role["Properties"].get("RoleName") == f"proctor-gateway-task-{HOME_REGION}"
+    ]
+    return task_role_id
+
+
+def _stack_output(value: Any) -> str | None:
+    return value.get("Fn::GetStackOutput", {}).get("OutputName") if isinstance(value, dict) else None
+
+
+def test_gateway_may_generate_break_glass_data_keys_but_never_decrypt_them(gateway: Template) -> None:
+    statements = _statements(gateway, _gateway_task_role(gateway))
+    on_breakglass = [s for s in statements if _stack_output(s["Resource"]) == "BreakGlassKeyArn"]
+    assert [(s["Action"], s["Condition"]) for s in on_breakglass] == [("kms:GenerateDataKey", PURPOSE_CONDITION)]
+    decrypts = [s for s in statements if "kms:Decrypt" in _as_list(s["Action"])]
+    assert [_stack_output(s["Resource"]) for s in decrypts] == ["EvidenceKeyArn"]  # SSE-KMS uploads, via S3 only
+    assert all("kms:ViaService" in s["Condition"]["StringEquals"] for s in decrypts)
+    kms_statements = [s for s in statements if any(a.startswith("kms:") for a in _as_list(s["Action"]))]
+    assert not [s for s in kms_statements if s["Resource"] == "*"]
+
+    (task,) = _of_type(gateway, "AWS::ECS::TaskDefinition").values()
+    (container,) = task["Properties"]["ContainerDefinitions"]
+    environment = {e["Name"]: e["Value"] for e in container["Environment"]}
+    assert _stack_output(environment["PROCTOR_BREAKGLASS_KEY_ID"]) == "BreakGlassKeyArn"
+
+
 def test_gateway_service_runs_two_tasks_across_zones_with_rollback(gateway: Template) -> None:
     (service,) = _of_type(gateway, "AWS::ECS::Service").values()
     properties = service["Properties"]
@@ -589,6 +670,13 @@ def test_nlb_forwards_postgres_and_checks_readiness_on_the_admin_port(gateway: T
     )
     (listener,) = _of_type(gateway, "AWS::ElasticLoadBalancingV2::Listener").values()
     assert listener["Properties"]["Port"] == 5432
+
+
+def test_nlb_sticks_clients_to_a_task_by_source_ip_so_cancel_reaches_the_session(gateway: Template) -> None:
+    (target_group,) = _of_type(gateway, "AWS::ElasticLoadBalancingV2::TargetGroup").values()
+    attributes = {a["Key"]: a["Value"] for a in target_group["Properties"]["TargetGroupAttributes"]}
+    assert attributes["stickiness.enabled"] == "true"
+    assert attributes["stickiness.type"] == "source_ip"
 
 
 def test_gateway_container_gets_settings_as_env_and_tls_from_secrets_manager(gateway: Template) -> None:

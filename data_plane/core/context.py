@@ -9,6 +9,7 @@ from data_plane.config import GatewayConfig
 from data_plane.core.credentials import CredentialBroker
 from data_plane.core.grants import GrantAuthority
 from data_plane.core.registry import SessionRegistry
+from data_plane.core.sealed import BreakGlassKey
 from data_plane.core.spool import Spool
 
 
@@ -21,6 +22,7 @@ class GatewayContext:
     registry: SessionRegistry
     tls: ssl.SSLContext | None
     draining: bool = False
+    sealing: BreakGlassKey | None = None  # seals the unmasked originals of masked results
 
 
 def server_tls_context(cert: str, key: str) -> ssl.SSLContext:

@@ -38,6 +38,9 @@ META = 3  # session facts, not wire bytes
 WIRE = 1  # protocol bytes as relayed
 EVENT = 2  # a JSON document (session start/end, decisions)
 WIRE_REDACTED = 3  # protocol bytes with secrets replaced (the relayed bytes differed)
+# The original bytes of the immediately preceding WIRE record of the same direction, before
+# masking, sealed under the break-glass key (format and reader: data_plane.core.sealed).
+WIRE_SEALED = 4
 
 DIRECTION_NAMES = {FROM_CLIENT: "client", FROM_SERVER: "server", FROM_GATEWAY: "gateway", META: "meta"}
 

@@ -19,6 +19,7 @@ from constructs import Construct
 
 from control_plane.contract import EVENTS_PREFIX, RECORDINGS_PREFIX, SESSIONS_PREFIX
 from infra.compliance import acknowledge, acknowledge_wildcards
+from infra.constructs.break_glass import PURPOSE_CONDITION
 from infra.constructs.control_plane_endpoint import ControlPlaneEndpoint
 from infra.settings import REPO_ROOT
 
@@ -46,6 +47,7 @@ class GatewayServiceProps:
     recordings_bucket: s3.IBucket
     evidence_bucket: s3.IBucket
     evidence_key: kms.IKey
+    breakglass_key_arn: str
     tls_secret_name: str
     desired_count: int
     client_cidrs: Sequence[str]
@@ -157,6 +159,12 @@ class GatewayService(Construct):
                 conditions={"StringEquals": {"kms:ViaService": f"s3.{props.evidence_bucket.env.region}.amazonaws.com"}},
             )
         )
+        # Seal unmasked originals: new data keys only, never kms:Decrypt (that is the break-glass role's).
+        role.add_to_policy(
+            iam.PolicyStatement(
+                actions=["kms:GenerateDataKey"], resources=[props.breakglass_key_arn], conditions=PURPOSE_CONDITION
+            )
+        )
         invoke_gateway_routes = iam.PolicyStatement(
             actions=["execute-api:Invoke"], resources=props.control_plane.gateway_route_arns(stack)
         )
@@ -205,6 +213,7 @@ class GatewayService(Construct):
                 "PROCTOR_RECORDINGS_BUCKET": props.recordings_bucket.bucket_name,
                 "PROCTOR_EVIDENCE_BUCKET": props.evidence_bucket.bucket_name,
                 "PROCTOR_EVIDENCE_REGION": props.evidence_bucket.env.region,
+                "PROCTOR_BREAKGLASS_KEY_ID": props.breakglass_key_arn,
                 "PROCTOR_SPOOL_DIR": SPOOL_DIR,
                 "PROCTOR_PG_LISTEN": f"0.0.0.0:{POSTGRES_PORT}",
                 "PROCTOR_ADMIN_LISTEN": f"0.0.0.0:{ADMIN_PORT}",
@@ -284,6 +293,10 @@ class GatewayService(Construct):
             ),
             targets=[self.service.load_balancer_target(container_name=CONTAINER_NAME, container_port=POSTGRES_PORT)],
         )
+        # A PostgreSQL CancelRequest arrives on a new connection and only the task holding the session
+        # knows its backend keys: source-IP stickiness sends it to that task.
+        target_group.set_attribute("stickiness.enabled", "true")
+        target_group.set_attribute("stickiness.type", "source_ip")
         load_balancer.add_listener(
             "Postgres", port=POSTGRES_PORT, protocol=elbv2.Protocol.TCP, default_target_groups=[target_group]
         )

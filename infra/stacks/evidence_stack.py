@@ -1,4 +1,5 @@
-"""The evidence boundary: WORM buckets, their key, and the Athena catalog. Deployed once, in the home region."""
+"""The evidence boundary: WORM buckets, their key, the Athena catalog, and the break-glass key and role.
+Deployed once, in the home region."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from aws_cdk import aws_kms as kms
 from aws_cdk import aws_s3 as s3
 from constructs import Construct
 
+from infra.constructs.break_glass import BreakGlass, BreakGlassProps
 from infra.constructs.evidence_store import EvidenceStore, EvidenceStoreProps
 from infra.stacks.shared_values import share
 
@@ -33,6 +35,11 @@ class EvidenceStack(Stack):
         self.store = EvidenceStore(
             self, "EvidenceStore", EvidenceStoreProps(retention_days=retention_days, regions=gateway_regions)
         )
+        self.break_glass = BreakGlass(
+            self,
+            "BreakGlass",
+            BreakGlassProps(recordings_bucket=self.store.recordings_bucket, evidence_key=self.store.key),
+        )
 
     def evidence_bucket_for(self, consumer: Stack) -> s3.IBucket:
         return self._bucket_for(consumer, "Evidence", self.store.evidence_bucket)
@@ -49,6 +56,15 @@ class EvidenceStack(Stack):
             description="KMS key of the evidence and recordings buckets",
         )
         return kms.Key.from_key_arn(consumer, "EvidenceKey", key_arn)
+
+    def breakglass_key_arn_for(self, consumer: Stack) -> str:
+        return share(
+            self.break_glass.key.key_arn,
+            producer=self,
+            name="BreakGlassKeyArn",
+            consumer=consumer,
+            description="KMS key that seals the unmasked originals of masked results (break-glass)",
+        )
 
     def _bucket_for(self, consumer: Stack, kind: str, bucket: s3.IBucket) -> s3.IBucket:
         return s3.Bucket.from_bucket_attributes(

@@ -40,6 +40,7 @@ class GatewayStack(Stack):
                 recordings_bucket=evidence.recordings_bucket_for(self),
                 evidence_bucket=evidence.evidence_bucket_for(self),
                 evidence_key=evidence.evidence_key_for(self),
+                breakglass_key_arn=evidence.breakglass_key_arn_for(self),
                 tls_secret_name=settings.tls_secret_name,
                 desired_count=settings.gateway_desired_count,
                 client_cidrs=settings.client_cidrs or (self._vpc_cidr(settings, vpc),),

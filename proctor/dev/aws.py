@@ -22,6 +22,7 @@ EVIDENCE_BUCKET = "proctor-evidence-local"
 CONFIG_TABLE = "proctor-config"
 STATE_TABLE = "proctor-state"
 GRANT_KEY_ALIAS = "alias/proctor-grant-signing"
+BREAKGLASS_KEY_ALIAS = "alias/proctor-breakglass"
 RETENTION_DAYS = 1
 NOTIFIER_QUEUE = "proctor-approval-notifier"
 NOTIFIER_DLQ = "proctor-approval-notifier-dlq"
@@ -87,6 +88,7 @@ class LocalResources:
     approval_state_machine_arn: str
     link_key_secret: str
     email_sender: str
+    breakglass_key_id: str
 
 
 def create_bucket_with_object_lock(s3: Any, name: str, retention_days: int) -> None:
@@ -131,12 +133,21 @@ def create_resources(endpoint: str | None) -> LocalResources:
     key_id = kms.create_key(KeySpec="ECC_NIST_P256", KeyUsage="SIGN_VERIFY",
                             Description="Proctor grant signing (local)")["KeyMetadata"]["KeyId"]
     kms.create_alias(AliasName=GRANT_KEY_ALIAS, TargetKeyId=key_id)
+    create_breakglass_key(kms)
     queue_url, state_machine_arn = create_approval_workflow(endpoint, using=shared)
     client(endpoint, "secretsmanager", using=shared).create_secret(Name=LINK_KEY_SECRET,
                                                                    SecretString=secrets.token_urlsafe(48))
     client(endpoint, "ses", using=shared).verify_email_identity(EmailAddress=EMAIL_SENDER)
     return LocalResources(RECORDINGS_BUCKET, EVIDENCE_BUCKET, CONFIG_TABLE, STATE_TABLE, GRANT_KEY_ALIAS,
-                          queue_url, state_machine_arn, LINK_KEY_SECRET, EMAIL_SENDER)
+                          queue_url, state_machine_arn, LINK_KEY_SECRET, EMAIL_SENDER, BREAKGLASS_KEY_ALIAS)
+
+
+def create_breakglass_key(kms: Any) -> str:
+    """The key that seals unmasked originals (data_plane.core.sealed); returns its alias."""
+    key_id = kms.create_key(KeySpec="SYMMETRIC_DEFAULT", KeyUsage="ENCRYPT_DECRYPT",
+                            Description="Proctor break-glass: unmasked payloads (local)")["KeyMetadata"]["KeyId"]
+    kms.create_alias(AliasName=BREAKGLASS_KEY_ALIAS, TargetKeyId=key_id)
+    return BREAKGLASS_KEY_ALIAS
 
 
 def create_approval_workflow(endpoint: str | None, *, using: boto3.Session | None = None) -> tuple[str, str]:

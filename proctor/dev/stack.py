@@ -170,6 +170,7 @@ def serve(directory: Path, *, with_gateway: bool = True) -> None:
             "region": aws.REGION,
             "recordings_bucket": resources.recordings_bucket,
             "evidence_bucket": resources.evidence_bucket,
+            "breakglass_key_id": resources.breakglass_key_id,
             "gateway_iam": {"access_key": gateway_key.access_key, "secret_key": gateway_key.secret_key,
                             "role_arn": gateway_key.role_arn},
             "gateway": {"host": "127.0.0.1", "port": gateway_port},
