@@ -84,6 +84,8 @@ class MaskRule(Strict):
     detectors: list[str] = Field(default_factory=list)
     method: Literal["redact", "partial", "hash", "null"] = "redact"
     keep_last: int | None = Field(default=None, ge=0, le=16)
+    # Results reading a table with these columns get every column without lineage masked too.
+    strict: bool = False
 
 
 class PolicySpec(Strict):

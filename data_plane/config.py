@@ -46,11 +46,17 @@ class GatewayConfig:
     ship_interval_seconds: float = 2.0
     fsync_interval_seconds: float = 1.0
     backend_ca_file: str | None = None
+    # The tenant's key for keyed-hash masking (HMAC-SHA256): equal values hash alike on every task.
+    masking_hash_key: str | None = None
     backend_connect_timeout: float = 10.0
     run_shipper: bool = True
     event_loop: str = "uvloop"  # or "asyncio"
     api_region: str | None = None  # the control plane's region, when the gateway runs in another
     evidence_region: str | None = None  # the evidence buckets' region, likewise
+    # The break-glass KMS key (id, alias or ARN) that seals the unmasked originals of masked results.
+    breakglass_key_id: str | None = None
+    sealed_rotate_bytes: int = 8 << 20  # a fresh data key after this many sealed bytes…
+    sealed_rotate_seconds: float = 300.0  # …or this long
 
     @property
     def pg_address(self) -> tuple[str, int]:

@@ -369,6 +369,36 @@ def cmd_evidence_replay(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_evidence_reprocess(args: argparse.Namespace) -> int:
+    from data_plane.core.sealed import UnsealError
+    from proctor.replay import ReplayError, load_recording
+    from proctor.reprocess import ReprocessError, format_report, load_rules, reprocess
+
+    source = evidence_source(args)
+    bucket = source.get("recordings_bucket") or os.environ.get("PROCTOR_RECORDINGS_BUCKET")
+    if not bucket:
+        raise CliError("no recordings bucket: set PROCTOR_RECORDINGS_BUCKET")
+    try:
+        rules = load_rules(Path(args.policy))
+        recording = load_recording(_s3_for(source), bucket, args.session_id)
+        report = reprocess(args.session_id, recording.records, rules, _kms_for(source))
+    except (ReplayError, ReprocessError, UnsealError) as exc:
+        raise CliError(str(exc)) from None
+    print(format_report(report))
+    return 0
+
+
+def _kms_for(source: dict[str, Any]) -> Any:
+    """KMS for opening sealed originals: in AWS the caller's credentials (the break-glass role)."""
+    import boto3
+
+    if source["mode"] == "athena":
+        return boto3.client("kms")
+    from proctor.dev.aws import client
+
+    return client(source["endpoint"], "kms")
+
+
 def cmd_gateway_run(args: argparse.Namespace) -> int:
     from data_plane.__main__ import main as gateway_main
 
@@ -462,6 +492,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = evidence.add_parser("replay", help="a session's timeline from its recording (chain verified)")
     p.add_argument("session_id")
     p.set_defaults(func=cmd_evidence_replay)
+    p = evidence.add_parser("reprocess", help="what newer masking rules would have masked in an old session "
+                                              "(opens its sealed originals in memory: needs the break-glass role)")
+    p.add_argument("session_id")
+    p.add_argument("--policy", required=True, help="a policy JSON file with `masking` rules, or a list of rules")
+    p.set_defaults(func=cmd_evidence_reprocess)
 
     gateway = sub.add_parser("gateway", help="the data plane").add_subparsers(dest="gateway_command", required=True)
     p = gateway.add_parser("run", help="run the gateway (settings from PROCTOR_* variables or --config)")

@@ -44,7 +44,7 @@ def run_demo(*, state_dir: str | None = None, keep: bool = False) -> int:
           f"PostgreSQL     {state['postgres']['host']}:{state['postgres']['port']} (SCRAM; password only in "
           f"Secrets Manager)")
     steps: list[Callable[[dict[str, Any]], None]] = [_pipeline_grant, _forged_token_refused, _psql_through_gateway,
-                                                     _held_delete_approved_by_link, _evidence]
+                                                     _held_delete_approved_by_link, _masked_read, _evidence]
     try:
         for step in steps:
             step(state)
@@ -163,8 +163,32 @@ def _held_delete_approved_by_link(state: dict[str, Any]) -> None:
     _show(out + err.replace(notice, ""))
 
 
+MASKED_QUERY = ("SELECT id, name, email, phone, card_number, ssn, upper(email) AS shouted "
+                "FROM customers ORDER BY id LIMIT 3;")
+
+
+def _masked_read(state: dict[str, Any]) -> None:
+    _step("10. The same query, twice: directly on the database host (its superuser) the values are clear; "
+          "an engineer through the gateway (policy engineers-read) gets them masked inline")
+    pg = state["postgres"]
+    _show(f'$ psql -h {pg["socket_dir"]} -U postgres -d app -c "{MASKED_QUERY}"   # on the database host')
+    direct = subprocess.run(["psql", "-X", "-h", pg["socket_dir"], "-p", str(pg["port"]), "-U", "postgres", "-d", "app",
+                             "-c", MASKED_QUERY], capture_output=True, text=True, check=False)
+    _show(direct.stdout + direct.stderr)
+    issuer = DevIssuer(Path(state["oidc_key"]), state["oidc_issuer"])
+    engineer = issuer.mint("eve@example.com", groups=("engineers",))
+    grant = ApiClient(state["api_url"], engineer).post("/v1/grants", {"target": "demo-pg",
+                                                                      "reason": "support ticket 7"})[1]
+    rules = ", ".join(f"{r['name']} ({r['method']})" for r in decode_jwt_unverified(grant["token"])["rules"]["masking"])
+    _show(f"$ PROCTOR_TOKEN=<eve, group engineers> proctor grant --target demo-pg   # masking rules: {rules}")
+    _show(f'$ psql -c "{MASKED_QUERY}"')
+    masked = subprocess.run(["psql", "-X", "-c", MASKED_QUERY], capture_output=True, text=True,
+                            env=_pg_env(state | {"_grant": grant}), check=False)
+    _show(masked.stdout + masked.stderr)
+
+
 def _evidence(state: dict[str, Any]) -> None:
-    _step("10. The auditor's view: every statement, tied to the pipeline run and who triggered it, blocks and "
+    _step("11. The auditor's view: every statement, tied to the pipeline run and who triggered it, blocks and "
           "approvals included (OCSF events in S3 under Object Lock, queried with Athena SQL — here on DuckDB)")
     sql = ("SELECT time_iso, actor_subject, pipeline_repository AS repo, pipeline_run_id AS run, "
            "pipeline_actor AS triggered_by, backend_user, activity_name AS activity, statement, command_tag, rows, "
@@ -181,7 +205,13 @@ def _evidence(state: dict[str, Any]) -> None:
                  "proctor_evidence.events WHERE pipeline_run_id = '42' AND activity_name = 'approval') ORDER BY time")
     _show(f'$ proctor evidence query "{approvals}"')
     _show(format_result(_wait_for_rows(state, approvals, at_least=4), "table"))
-    _step("11. The session's recording, replayed from its hash-chained chunks")
+    masks = ("SELECT actor_subject, rule, json_extract_scalar(details, '$.target') AS masked, "
+             "json_extract_scalar(details, '$.method') AS method, rows AS \"values\", statement "
+             "FROM proctor_evidence.events WHERE activity_name = 'mask' AND actor_subject = 'eve@example.com' "
+             "ORDER BY rule, masked")
+    _show(f'$ proctor evidence query "{masks}"')
+    _show(format_result(_wait_for_rows(state, masks, at_least=5), "table"))
+    _step("12. The session's recording, replayed from its hash-chained chunks")
     session = _wait_for_rows(state, "SELECT session_id FROM sessions WHERE pipeline_run_id = '42' ORDER BY started_at",
                              at_least=2)
     session_id = session.rows[0][0]

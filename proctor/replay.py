@@ -16,6 +16,7 @@ from data_plane.core.recording import (
     FROM_GATEWAY,
     FROM_SERVER,
     META,
+    WIRE_SEALED,
     ChainBroken,
     Record,
     genesis,
@@ -102,7 +103,9 @@ def postgres_timeline(recording: Recording) -> Iterator[str]:
     for record in recording.records:
         offset = f"+{record.time - start:8.3f}s"
         if record.direction == META and record.kind == EVENT:
-            yield f"{offset}  ●  {record.payload.decode(errors='replace')}"
+            yield f"{offset}  ●  {_meta_line(record)}"
+            continue
+        if record.kind == WIRE_SEALED:  # ciphertext, not wire bytes: only `evidence reprocess` opens it
             continue
         frames = m.iter_frames(record.payload)
         for msg_type, body in frames:
@@ -124,6 +127,19 @@ def postgres_timeline(recording: Recording) -> Iterator[str]:
             if line:
                 yield f"{offset}  {line}"
     yield from flush_rows(f"+{recording.records[-1].time - start:8.3f}s")
+
+
+def _meta_line(record: Record) -> str:
+    text = record.payload.decode(errors="replace")
+    if '"sealing_key"' in text:  # the encrypted data key is noise in a timeline
+        doc = record.json()
+        return f"unmasked originals sealed under data key {doc['sealing_key']} of {doc['kms_key_id']}"
+    if text.startswith('{"lineage"'):
+        columns = record.json()["lineage"]
+        return "result columns: " + ", ".join(
+            f"{c['name']} ← {', '.join(c['sources'])}" if c.get("sources") else f"{c['name']} (no lineage)"
+            for c in columns)
+    return text
 
 
 def _client_line(msg_type: bytes, body: bytes) -> str | None:

@@ -28,5 +28,8 @@ def test_demo_runs_end_to_end_and_leaves_nothing_running(tmp_path: Path) -> None
     assert "| approved  |" in text
     assert 'ERROR:  statement blocked by Proctor rule "no-ddl"' in text
     assert "| block    | DROP TABLE customers;" in text
+    assert "| 4111111111111111 | 078-05-1120 | ADA@EXAMPLE.COM" in text  # directly: clear
+    assert "| *************01 | ************1111 | *** | ***" in text  # through the gateway: masked
+    assert "| pii-email    | public.customers.email       | hash    |      3 |" in text
     assert "hash chain verified" in text
     assert not (tmp_path / "state.json").exists()

@@ -93,8 +93,9 @@ BUILTIN_DETECTORS: dict[str, Detector] = {d.name: d for d in (
     Detector("iban", re.compile(r"\b[A-Z]{2}[0-9]{2}(?: ?[A-Z0-9]{4}){2,7}(?: ?[A-Z0-9]{1,3})?\b"), _iban),
     Detector("aws_access_key", re.compile(r"\b(?:AKIA|ASIA|AGPA|AIDA|AROA|ANPA|ANVA|AIPA)[A-Z0-9]{16}\b")),
     Detector("jwt", re.compile(r"\beyJ[A-Za-z0-9_-]{5,}\.[A-Za-z0-9_-]{5,}\.[A-Za-z0-9_-]{10,}"), _jwt, hint="eyj"),
-    Detector("private_key", re.compile(r"-----BEGIN [A-Z ]*PRIVATE KEY-----.*?(?:-----END [A-Z ]*PRIVATE KEY-----|$)",
-                                       re.DOTALL), hint="private key"),
+    # Never across a double quote: a key inside a JSON string is masked without breaking the JSON.
+    Detector("private_key", re.compile(
+        r'-----BEGIN [A-Z ]*PRIVATE KEY-----[^"]*?(?:-----END [A-Z ]*PRIVATE KEY-----|(?="|$))'), hint="private key"),
 )}
 
 
@@ -152,6 +153,9 @@ class MaskRule:
     columns: tuple[str, ...] = ()  # schema.table.column globs: "*.customers.email", "*.*.ssn"
     detectors: tuple[str, ...] = ()
     method: MaskMethod = field(default_factory=MaskMethod)
+    # Strict: a result that reads a table holding this rule's columns gets every column without
+    # lineage (expressions, functions, casts) masked whole, detectors or not.
+    strict: bool = False
 
     @classmethod
     def from_doc(cls, doc: Mapping[str, Any], *, hash_key: bytes = b"") -> MaskRule:
@@ -161,7 +165,7 @@ class MaskRule:
         keep = doc.get("keep_last")
         return cls(str(doc["name"]), tuple(c.lower() for c in doc.get("columns") or ()),
                    tuple(doc.get("detectors") or ()),
-                   MaskMethod(method, 4 if keep is None else int(keep), hash_key))
+                   MaskMethod(method, 4 if keep is None else int(keep), hash_key), bool(doc.get("strict")))
 
     def covers_column(self, qualified: str) -> bool:
         return any(fnmatchcase(qualified.lower(), pattern) for pattern in self.columns)

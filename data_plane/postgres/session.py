@@ -32,16 +32,20 @@ from data_plane.core.context import GatewayContext
 from data_plane.core.control_plane_client import ControlPlaneError
 from data_plane.core.credentials import Credential
 from data_plane.core.guardrails import ALLOW, BLOCK, REQUIRE_APPROVAL, Verdict
+from data_plane.core.masking import HASH, Masking
 from data_plane.core.recording import EVENT, FROM_CLIENT, FROM_GATEWAY, FROM_SERVER, META, WIRE, WIRE_REDACTED
 from data_plane.core.redact import might_hold_secret, redact_conninfo, redact_statement
 from data_plane.core.registry import CancelTarget
+from data_plane.core.sealed import PayloadSealer, SealingUnavailable
 from data_plane.core.session import SessionInfo, Statement, new_session_id
 from data_plane.core.spool import SessionEvidence
 from data_plane.postgres import backend as pg_backend
 from data_plane.postgres import messages as m
 from data_plane.postgres.auth import BackendAuthError
+from data_plane.postgres.catalog import CATALOGS, CatalogUnavailable, describe_query, simple_query_rows
 from data_plane.postgres.framescan import FrameError, FrameTooLarge, scan_frames
 from data_plane.postgres.guard import guard_for, refusal, refused_parse, refused_query, stops
+from data_plane.postgres.masker import LineageUnknown, ResultMasker, ResultPlan
 from data_plane.postgres.tracker import StatementTracker
 
 log = logging.getLogger("proctor.gateway.postgres")
@@ -75,6 +79,9 @@ class PostgresSession:
         self._terminated: tuple[str, str] | None = None
         self._outcome = "refused"
         self.grant_token = ""
+        self.masking: Masking | None = None
+        self.sealer: PayloadSealer | None = None  # keeps the unmasked originals, encrypted
+        self._credential: Credential | None = None
 
     # ------------------------------------------------------------------------------------------
     async def run(self) -> None:
@@ -174,6 +181,7 @@ class PostgresSession:
                 raise GrantInvalid(f"grant is for a {grant.target_kind} target")
             if requested and grant.database and requested != grant.database:
                 raise GrantInvalid(f"grant is for database {grant.database!r}, not {requested!r}")
+            self.masking = self.masking_for(grant)
         except GrantInvalid as exc:
             evidence.add_event(evidence_event(
                 CLASS_AUTHENTICATION, "logon", status=STATUS_FAILURE, region=self.info.region,
@@ -194,6 +202,55 @@ class PostgresSession:
             src_ip=self.info.client_ip, src_port=self.info.client_port, policy_name=grant.policy_name,
             policy_version=grant.policy_version, details={"mechanism": "grant", "protocol": "postgres"}))
         return token, grant
+
+    def masking_for(self, grant: GrantClaims) -> Masking | None:
+        """The grant's masking rules, or None; rules the gateway cannot enforce refuse the session."""
+        if not grant.masking:
+            return None
+        key = self.ctx.config.masking_hash_key
+        try:
+            masking = Masking.from_docs(grant.masking, hash_key=(key or "").encode())
+        except (ValueError, KeyError) as exc:
+            raise GrantInvalid(f"the grant's masking rules cannot be enforced: {exc}") from exc
+        if not key and any(r.method.method == HASH for r in masking.rules):
+            raise GrantInvalid("the grant's masking rules use a keyed hash and this gateway has no masking key")
+        return masking or None
+
+    async def lookup(self, job: tuple[str, Any]) -> Any:
+        """What the masker needs from the catalog, read on the gateway's own backend connection
+        (the injected credential again; the client's session is never used for it)."""
+        kind, subject = job
+        grant = self.info.grant
+        assert grant is not None and self._credential is not None
+        catalog = CATALOGS.for_database(grant.target, self.info.database or "")
+        if kind == "catalog":
+            return await catalog.get(self.catalog_queries, missing=subject)
+        return await self.catalog_queries_describe(subject)
+
+    async def _catalog_connection(self) -> pg_backend.BackendConnection:
+        assert self._credential is not None
+        config = self.ctx.config
+        try:
+            return await pg_backend.connect(
+                self._credential, self.info.database, {"application_name": "proctor-gateway-catalog"},
+                timeout=config.backend_connect_timeout, max_message=config.max_message_bytes,
+                ca_file=config.backend_ca_file)
+        except (pg_backend.BackendRefused, pg_backend.BackendUnavailable, BackendAuthError) as exc:
+            raise CatalogUnavailable(f"cannot read the target's catalog: {exc}") from exc
+
+    async def catalog_queries(self, queries: list[str]) -> list[list[list[str | None]]]:
+        connection = await self._catalog_connection()
+        try:
+            return await simple_query_rows(connection.reader, connection.writer, queries)
+        finally:
+            connection.writer.close()
+
+    async def catalog_queries_describe(self, query: str) -> list[m.FieldDescription] | None:
+        connection = await self._catalog_connection()
+        try:
+            return await describe_query(connection.reader, connection.writer, query)
+        finally:
+            connection.writer.close()
 
     async def connect_backend(self, token: str, grant: GrantClaims,
                               startup: m.StartupMessage) -> pg_backend.BackendConnection:
@@ -224,6 +281,7 @@ class PostgresSession:
             except (pg_backend.BackendUnavailable, BackendAuthError) as exc:
                 await self.fail_connect("08006", f"cannot connect to target {grant.target}: {exc}", str(exc))
                 raise SessionEnded from exc
+            self._credential = credential
             self._credential_use = {"source": source, "version_id": credential.version_id,
                                     "backend_tls": backend.tls, **_endpoint(credential)}
             return backend
@@ -244,6 +302,26 @@ class PostgresSession:
         assert evidence is not None
         self.cancel_key = ctx.registry.new_cancel_key(
             CancelTarget(backend.host, backend.port, backend.pid, backend.secret, session=self))
+        snapshot = None
+        if self.masking is not None:
+            # Masked results need the catalog: read it (or take the cached copy) before the first query.
+            try:
+                snapshot = await self.lookup(("catalog", []))
+            except (CatalogUnavailable, OSError, TimeoutError, m.ProtocolViolation) as exc:
+                backend.writer.close()
+                await self.fail_connect("XX000", "Proctor cannot enforce this grant's masking: the target's "
+                                                 "catalog is unavailable", f"masking: {exc}")
+                raise SessionEnded from exc
+            if ctx.sealing is not None:
+                # The unmasked originals are kept only sealed under the break-glass key: no key, no session.
+                self.sealer = ctx.sealing.sealer(self.session_id, evidence.recording.append)
+                try:
+                    await self.sealer.open()
+                except SealingUnavailable as exc:
+                    backend.writer.close()
+                    await self.fail_connect("XX000", "Proctor cannot enforce this grant's masking: the "
+                                                     "break-glass key is unavailable", f"sealing: {exc}")
+                    raise SessionEnded from exc
         greeting = b"".join([m.authentication(m.AUTH_OK), *backend.startup_frames,
                              m.backend_key_data(*self.cancel_key), m.ready_for_query(backend.transaction_status)])
         evidence.add_event(self.info.event("connect", details={"credential": self._credential_use,
@@ -255,6 +333,8 @@ class PostgresSession:
 
         tracker = StatementTracker(self.statement_done, record_parameters=self.info.record_parameters)
         self.relay = Relay(self, tracker, backend)
+        if self.relay.masker is not None:
+            self.relay.masker.snapshot = snapshot
         ctx.registry.add(self, grant.grant_id)
         expiry = asyncio.get_running_loop().call_later(
             max(0.0, grant.expires_at - time.time()), self.terminate, "57P01",
@@ -307,6 +387,8 @@ class PostgresSession:
         if self.relay is not None:
             self.relay.close_backend()
             self.relay.tracker.abandon(time.monotonic())
+        if self.sealer is not None:
+            self.sealer.close()
         evidence = self.evidence
         if evidence is None:
             return
@@ -317,6 +399,8 @@ class PostgresSession:
                                        "duration_s": round(ended - self.info.started_at, 3)}
             if self._terminated:
                 details["terminated"] = {"sqlstate": self._terminated[0], "message": self._terminated[1]}
+            if self.sealer is not None:
+                details["sealed"] = self.sealer.stats()
             evidence.add_event(self.info.event("disconnect", details=details, bytes=self.info.bytes_in +
                                                self.info.bytes_out, status=STATUS_SUCCESS))
             metrics.BYTES.labels("postgres", "in").inc(self.info.bytes_in)
@@ -384,6 +468,13 @@ class Relay:
         self.server_tail = b""
         self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.pending_terminate: bytes | None = None
+        # Masking: results pass through the masker; the server stream waits while it looks up lineage.
+        self.masker: ResultMasker | None = None
+        self.lookup: tuple[str, Any] | None = None
+        masking = getattr(session, "masking", None)
+        if masking is not None:
+            self.masker = ResultMasker(masking, self.mask_event, on_lineage=self.lineage_event)
+            self.from_server = self.from_server_masked  # type: ignore[method-assign]
 
     async def run(self, client_reader: asyncio.StreamReader, client_writer: asyncio.StreamWriter) -> None:
         self.client = client_writer.transport  # type: ignore[assignment]
@@ -453,6 +544,8 @@ class Relay:
                         if replacement is not None:
                             stopped.append((offset, size, replacement, verdict))  # type: ignore[arg-type]
                     tracker.client_message(msg_type, body, verdict, text)
+                    if self.masker is not None:
+                        self.masker.client_message(msg_type, body)
         except m.ProtocolViolation as exc:
             self.fail_protocol("08P01", f"protocol violation: {exc}")
             return
@@ -531,6 +624,155 @@ class Relay:
         self.session.info.bytes_out += end
         self.client.write(chunk)  # type: ignore[union-attr]
         self.server_tail = buf[end:] if end < len(buf) else b""
+
+    def from_server_masked(self, data: bytes) -> None:
+        """`from_server` for a grant with masking rules: the same bookkeeping, plus the masker's
+        rewrites of DataRows, CopyData rows and errors, and a pause while lineage is looked up."""
+        if self.done.done():
+            return
+        if self.lookup is not None:
+            self.server_tail += data
+            return
+        buf = self.server_tail + data if self.server_tail else data
+        try:
+            end, events, trailing = scan_frames(buf, 0, SERVER_SKIP, self.max_len)
+        except FrameError as exc:
+            self.fail_protocol("08P01", f"the target sent an invalid message: {exc}")
+            return
+        if end == 0:
+            self.server_tail = buf
+            return
+        chunk = buf if end == len(buf) else buf[:end]
+        tracker = self.tracker
+        masker = self.masker
+        assert masker is not None
+        now = time.monotonic()
+        pos = rows = frame_end = 0
+        rewritten: list[tuple[int, int, bytes]] = []
+        job: tuple[str, Any] | None = None
+        try:
+            for msg_type, offset, size, skipped in events:
+                if skipped:
+                    self.mask_region(chunk, frame_end, offset, rewritten)
+                rows += skipped
+                body = chunk[offset + 5:offset + size]
+                if msg_type in (0x54, 0x48):  # RowDescription, CopyOutResponse: lineage first
+                    job = masker.wait_for(msg_type, body)
+                    if job is not None:
+                        end, trailing = offset, 0
+                        break
+                replaced = False
+                if msg_type in SERVER_DECODED:
+                    if rows:
+                        tracker.rows(rows)
+                        rows = 0
+                    tracker.server_bytes(offset + size - pos)
+                    pos = offset + size
+                    answered = tracker.server_message(msg_type, body, now)
+                    if answered is not None and answered.verdict is not None and stops(answered.verdict):
+                        refused = refusal(answered.verdict, policy=self.policy_label)
+                        fields = m.error_fields(refused[5:])
+                        answered.sqlstate, answered.error = fields["C"], fields["M"]
+                        rewritten.append((offset, size, refused))
+                        replaced = True
+                elif msg_type == 0x53 and self.guard is not None:  # ParameterStatus
+                    self.parameter_status(body)
+                replacement = masker.server_message(msg_type, body)
+                if replacement is not None and not replaced:
+                    rewritten.append((offset, size, replacement))
+                frame_end = offset + size
+            else:
+                if trailing:
+                    self.mask_region(chunk, frame_end, end, rewritten)
+        except (m.ProtocolViolation, struct.error) as exc:
+            self.fail_protocol("08P01", f"the target sent an invalid message: {exc}")
+            return
+        except LineageUnknown as exc:
+            self.fail_protocol("XX000", f"Proctor withholds a result it cannot mask: {exc}")
+            return
+        rows += trailing
+        if rows:
+            tracker.rows(rows)
+        if end > pos:
+            tracker.server_bytes(end - pos)
+        original = chunk if end == len(chunk) else chunk[:end]
+        out = _replace_frames(original, rewritten) if rewritten else original
+        if out:
+            self.record(FROM_SERVER, WIRE, out)
+            if rewritten and self.session.sealer is not None:
+                try:
+                    self.session.sealer.seal(FROM_SERVER, original)
+                except SealingUnavailable as exc:
+                    self.fail_protocol("XX000", f"Proctor cannot keep this result's evidence: {exc}")
+                    return
+            self.session.info.bytes_out += len(out)
+            self.client.write(out)  # type: ignore[union-attr]
+        self.server_tail = buf[end:] if end < len(buf) else b""
+        if job is not None:
+            self.start_lookup(job)
+
+    def mask_region(self, chunk: bytes, start: int, stop: int, rewritten: list[tuple[int, int, bytes]]) -> None:
+        """Mask the DataRows or CopyData rows in chunk[start:stop] (frames the scan skipped)."""
+        masker = self.masker
+        assert masker is not None
+        copy = masker.copy
+        plan = None
+        if copy is None:
+            if chunk[start] != 0x44:  # CopyData of a COPY nothing masks
+                return
+            plan = masker.execute_plan()
+            if plan is None or not plan.masks:
+                return
+        if plan is not None:
+            masked_rows = masker.mask_rows(plan, chunk, start, stop)
+            if masked_rows is not None:
+                rewritten.append((start, stop - start, masked_rows))
+            return
+        region = memoryview(chunk)[start:stop]
+        _, frames, _ = scan_frames(region, 0, b"", self.max_len)
+        for msg_type, offset, size, _ in frames:
+            body = bytes(region[offset + 5:offset + size])
+            if msg_type == 0x64 and copy is not None:
+                masked = masker.mask_copy_row(body)
+                if masked is not None:
+                    rewritten.append((start + offset, size, m.frame(b"d", masked) if masked else b""))
+
+    def start_lookup(self, job: tuple[str, Any]) -> None:
+        self.lookup = job
+        if self.server is not None and not self.server.is_closing():
+            self.server.pause_reading()
+        asyncio.get_running_loop().create_task(self.run_lookup(job))
+
+    async def run_lookup(self, job: tuple[str, Any]) -> None:
+        masker = self.masker
+        assert masker is not None
+        try:
+            result = await self.session.lookup(job)
+        except Exception as exc:  # fail closed: no result leaves unmasked
+            log.warning("session %s: masking lineage lookup failed: %s", self.session.session_id, exc)
+            self.fail_protocol("XX000", "Proctor cannot mask this result: the target's catalog is unavailable")
+            return
+        if self.done.done():
+            return
+        masker.looked_up(job, result)
+        self.lookup = None
+        self.from_server(b"")
+        if self.lookup is None and self.server is not None and not self.server.is_closing():
+            self.server.resume_reading()
+
+    def lineage_event(self, lineage: list[dict[str, Any]]) -> None:
+        """Where a result's columns came from, in the recording: `proctor evidence reprocess` applies
+        newer rules to an old session with the lineage the gateway saw then."""
+        if self.evidence is not None and not self.evidence.closed:
+            self.record(META, EVENT, orjson.dumps({"lineage": lineage}))
+
+    def mask_event(self, plan: ResultPlan) -> None:
+        """Each mask action of a result: which rule, column or detector, method, how many values."""
+        statement = redact_statement(plan.statement) if plan.statement else None
+        for (rule, target, method, path), count in plan.counts.items():
+            column = None if target.startswith(("detector:", "strict:")) else target
+            self.event("mask", rule=rule, statement=statement, rows=count,
+                       details={"column": column, "target": target, "method": method, "path": path, "count": count})
 
     # guardrails -------------------------------------------------------------------------------
     def judge(self, msg_type: int, body: bytes) -> tuple[Verdict | None, bytes | None, str | None]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -29,6 +30,8 @@ def gateway_env(directory: Path, state: Mapping[str, Any], *, pg_port: int, admi
         "PROCTOR_REGION": state["region"],
         "PROCTOR_RECORDINGS_BUCKET": state["recordings_bucket"],
         "PROCTOR_EVIDENCE_BUCKET": state["evidence_bucket"],
+        # Seals the unmasked originals of masked results (moto's KMS, like the grant key).
+        "PROCTOR_BREAKGLASS_KEY_ID": state["breakglass_key_id"],
         "PROCTOR_SPOOL_DIR": str(directory / "spool"),
         "PROCTOR_PG_LISTEN": f"127.0.0.1:{pg_port}",
         "PROCTOR_ADMIN_LISTEN": f"127.0.0.1:{admin_port}",
@@ -37,6 +40,7 @@ def gateway_env(directory: Path, state: Mapping[str, Any], *, pg_port: int, admi
         "PROCTOR_REVOCATION_POLL_SECONDS": "1",
         "PROCTOR_SHIP_INTERVAL_SECONDS": "1",
         "PROCTOR_DRAIN_SECONDS": "5",
+        "PROCTOR_MASKING_HASH_KEY": _masking_hash_key(directory),
         "AWS_ENDPOINT_URL": state["aws_endpoint"],
         "AWS_ACCESS_KEY_ID": iam["access_key"],
         "AWS_SECRET_ACCESS_KEY": iam["secret_key"],
@@ -44,6 +48,16 @@ def gateway_env(directory: Path, state: Mapping[str, Any], *, pg_port: int, admi
         "AWS_REGION": state["region"],
     })
     return env | {"_CA_FILE": tls["ca_file"]}
+
+
+def _masking_hash_key(directory: Path) -> str:
+    """The local tenant's keyed-hash masking key: made once, kept with the stack's state."""
+    path = directory / "masking-hash.key"
+    if not path.exists():
+        directory.mkdir(parents=True, exist_ok=True)
+        path.write_text(secrets.token_hex(32))
+        path.chmod(0o600)
+    return path.read_text().strip()
 
 
 def wait_ready(admin_port: int, proc: subprocess.Popen[bytes], timeout: float = 30.0) -> None:

@@ -113,6 +113,16 @@ PIPELINE_GUARDRAILS: list[dict[str, Any]] = [
      "description": "updates and deletes by pipelines are reviewed by an approver"},
     {"name": "log-writes", "action": "log", "match": {"classes": ["write"]}},
 ]
+# Engineers read customers with regulated columns masked: emails keyed-hashed (joins and GROUP BY
+# still work), card numbers with their last 4 digits, SSNs redacted; values without lineage
+# (expressions, JSON built from rows) go through the content detectors.
+READER_MASKING: list[dict[str, Any]] = [
+    {"name": "pii-email", "columns": ["*.customers.email"], "method": "hash"},
+    {"name": "pci-card", "columns": ["*.*.card_number"], "method": "partial", "keep_last": 4},
+    {"name": "pii-ssn", "columns": ["*.*.ssn"], "method": "redact"},
+    {"name": "pii-phone", "columns": ["*.customers.phone"], "method": "partial", "keep_last": 2},
+    {"name": "pii-detected", "detectors": ["email", "card_number", "us_ssn", "phone"], "method": "redact"},
+]
 READER_GUARDRAILS: list[dict[str, Any]] = [
     {"name": "read-only", "action": "block", "match": {"classes": ["write", "ddl", "dcl", "procedural"]},
      "description": "this policy grants read access only"},
@@ -138,5 +148,6 @@ def demo_policies(issuer_url: str) -> list[PolicySpec]:
             subjects=[{"issuer": issuer_url, "groups": ["engineers"]}],
             targets=[DEMO_TARGET], backend_role=ROLE_RO, access="read",
             max_session_seconds=3600, approval=approvers, guardrails=READER_GUARDRAILS,
+            masking=READER_MASKING,
         ),
     ]
