@@ -58,7 +58,8 @@ def writer(stack: Stack) -> dict[str, Any]:
               "backend_role": "app_rw", "access": "read_write", "max_session_seconds": 600,
               "masking": [{"name": "strict-email", "columns": ["public.customers.email"], "method": "redact",
                            "strict": True},
-                          {"name": "ssn-null", "columns": ["*.*.ssn"], "method": "null"}]}
+                          {"name": "ssn-null", "columns": ["*.*.ssn"], "method": "null"},
+                          {"name": "emails-anywhere", "detectors": ["email"], "method": "redact"}]}
     status, body = admin(stack).post("/v1/policies", policy)
     assert status == 201, body
     return stack.grant(stack.issuer.mint("wes@example.com", groups=["masked-writers"]))
@@ -196,6 +197,24 @@ def test_returning_unique_violation_and_strict_mode(stack: Stack, writer: dict[s
                            "WHERE id = 1").fetchone()
         assert row == ("***", None, "Ada Lovelace")
         conn.execute("DELETE FROM customers WHERE id = %s", (inserted[0],))
+
+
+def test_simple_query_cursor_fetch_is_masked(stack: Stack, engineer: dict[str, Any]) -> None:
+    out = psql_through(stack, engineer, "BEGIN",
+                       "DECLARE c CURSOR FOR SELECT id, email, ssn FROM customers ORDER BY id",
+                       "FETCH 2 FROM c", "FETCH NEXT FROM c", "COMMIT")
+    assert out.returncode == 0, out.stderr
+    fetched = [line.split("|") for line in out.stdout.splitlines() if line.count("|") == 2]
+    assert [f[0] for f in fetched] == ["1", "2", "3"]
+    assert all(f[1].startswith("h:") and f[2] == "***" for f in fetched) and no_clear_values(out.stdout)
+
+
+def test_a_notice_that_echoes_a_value_is_masked(stack: Stack, writer: dict[str, Any]) -> None:
+    notices: list[str] = []
+    with psycopg.connect(**stack.conninfo(writer), autocommit=True) as conn:
+        conn.add_notice_handler(lambda diag: notices.append(diag.message_primary or ""))
+        conn.execute("DO $$BEGIN RAISE NOTICE 'contact: %', (SELECT email FROM customers WHERE id = 1); END$$")
+    assert notices == ["contact: ***"]
 
 
 def test_each_mask_action_is_evidence(stack: Stack) -> None:
