@@ -103,6 +103,9 @@ class ResultMasker:
         self.changed = 0  # rows rewritten, a count for the relay
         self.copy_descriptions: dict[str, list[m.FieldDescription]] = {}  # COPY (query) → its columns
         self._tried: set[int] = set()  # table OIDs a catalog refresh did not find (temporary tables…)
+        self._has_strict = any(r.strict and r.columns for r in masking.rules)
+        self._recorded: set[bytes] = set()  # descriptions whose lineage is in the recording already
+        self._counting: ResultPlan | None = None  # the plan whose rows are being masked (detector counts)
 
     # client → server ---------------------------------------------------------------------------
     def client_message(self, msg_type: int, body: bytes) -> None:
@@ -274,18 +277,22 @@ class ResultMasker:
 
     # plans ---------------------------------------------------------------------------------------
     def _plan(self, key: bytes, description: list[m.FieldDescription], statement: str) -> ResultPlan:
-        cached = self._plans.get((key, statement))
-        if cached is not None:
-            return ResultPlan(cached.columns, statement, cached.masks)
-        strict = self._strict_rule(statement)
-        columns = tuple(self._column_plan(f, strict) for f in description)
-        plan = ResultPlan(columns, statement, any(c.action != KEEP for c in columns))
-        if self.on_lineage is not None:
-            self.on_lineage(self.lineage(description))
-        if len(self._plans) > 1000:
-            self._plans.clear()
-        self._plans[(key, statement)] = plan
-        return ResultPlan(plan.columns, statement, plan.masks)
+        """The plan of a result, cached by its columns (and by its statement only when a strict rule
+        makes the statement's tables matter): statements whose literals differ share one plan."""
+        cache_key = (key, statement if self._has_strict else "")
+        cached = self._plans.get(cache_key)
+        if cached is None:
+            strict = self._strict_rule(statement)
+            columns = tuple(self._column_plan(f, strict) for f in description)
+            cached = ResultPlan(columns, statement, any(c.action != KEEP for c in columns))
+            if self.on_lineage is not None and key not in self._recorded:
+                self._recorded.add(key)
+                self.on_lineage(self.lineage(description))
+            if len(self._plans) > 1000:
+                self._plans.clear()
+            self._plans[cache_key] = cached
+        return ResultPlan(cached.columns, statement, cached.masks, actions=cached.actions,
+                          actions_encoding=cached.actions_encoding)
 
     def lineage(self, description: list[m.FieldDescription]) -> list[dict[str, Any]]:
         """Each column's source as the snapshot resolved it (names, never values)."""
@@ -354,6 +361,10 @@ class ResultMasker:
         if plan.actions is None or plan.actions_encoding != self.values.encoding:
             plan.actions = self._compile(plan)
             plan.actions_encoding = self.values.encoding
+            for cached in self._plans.values():  # results with the same columns reuse the compiled actions
+                if cached.columns is plan.columns:
+                    cached.actions, cached.actions_encoding = plan.actions, plan.actions_encoding
+        self._counting = plan
         try:
             masked, counts = rowmask.mask_rows(buf, start, stop, plan.actions)
         except ValueError as exc:
@@ -379,7 +390,7 @@ class ResultMasker:
             if column.action == KEEP:
                 actions.append((rowmask.KEEP, None))
             elif column.action == SCAN:
-                actions.append((rowmask.CALL, self._scanner(plan, column)))
+                actions.append((rowmask.CALL, self._scanner(column)))
             else:
                 assert column.rule is not None
                 method = column.rule.method if column.action == COLUMN else STRICT_METHOD
@@ -394,13 +405,15 @@ class ResultMasker:
                     actions.append((rowmask.CALL, _whole(self.values, method, column)))
         return tuple(actions)
 
-    def _scanner(self, plan: ResultPlan, column: ColumnPlan) -> Callable[[bytes], bytes | None]:
+    def _scanner(self, column: ColumnPlan) -> Callable[[bytes], bytes | None]:
         values = self.values
 
         def scan(value: bytes) -> bytes | None:
             masked, hits = values.scan(value, column.type_oid, column.binary)
-            for rule, detector in hits:
-                plan.count(rule, f"detector:{detector}", "redact" if masked is not None else NULL, "rows")
+            plan = self._counting
+            if plan is not None:
+                for rule, detector in hits:
+                    plan.count(rule, f"detector:{detector}", "redact" if masked is not None else NULL, "rows")
             return masked if hits else value
 
         return scan
