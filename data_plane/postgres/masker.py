@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from data_plane.core.masking import NULL, PARTIAL, REDACT, Masking, MaskMethod, MaskRule
+from data_plane.core.masking import HASH, NULL, PARTIAL, REDACT, Masking, MaskMethod, MaskRule
 from data_plane.postgres import messages as m
 from data_plane.postgres import rowmask
 from data_plane.postgres.catalog import CatalogSnapshot
@@ -401,6 +401,8 @@ class ResultMasker:
                     actions.append((rowmask.CONST, b"***"))
                 elif textual and method.method == PARTIAL and utf8:
                     actions.append((rowmask.PARTIAL, method.keep_last))
+                elif textual and method.method == HASH and utf8:
+                    actions.append((rowmask.HASH, method.hash_key))
                 else:
                     actions.append((rowmask.CALL, _whole(self.values, method, column)))
         return tuple(actions)

@@ -1,17 +1,19 @@
 """Rewriting the masked columns of a run of DataRows in one call: each column gets an action
-(keep, a constant, NULL, keep the last N characters, or a Python callable), compiled once per
+(keep, a constant, NULL, keep the last N characters, the keyed hash, or a Python callable), compiled once per
 result plan. A C accelerator does the walk when it was compiled (`ACCELERATED`); the pure-Python
 fallback below behaves identically."""
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import struct
 from collections.abc import Callable
 from typing import Any
 
-__all__ = ["ACCELERATED", "CALL", "CONST", "KEEP", "NULL", "PARTIAL", "mask_rows"]
+__all__ = ["ACCELERATED", "CALL", "CONST", "HASH", "KEEP", "NULL", "PARTIAL", "mask_rows"]
 
-KEEP, CONST, NULL, PARTIAL, CALL = 0, 1, 2, 3, 4
+KEEP, CONST, NULL, PARTIAL, CALL, HASH = 0, 1, 2, 3, 4, 5
 Action = tuple[int, Any]
 MaskRows = Callable[[bytes | memoryview, int, int, tuple[Action, ...]], tuple[bytes | None, list[int]]]
 
@@ -24,6 +26,11 @@ def partial_utf8(value: bytes, keep_last: int) -> bytes:
     text = value.decode("utf-8", errors="surrogateescape")
     keep = min(keep_last, len(text) // 2)
     return ("*" * (len(text) - keep) + (text[-keep:] if keep else "")).encode("utf-8", errors="surrogateescape")
+
+
+def keyed_hash(value: bytes, key: bytes) -> bytes:
+    """`MaskMethod.hash` on bytes: "h:" and the first 32 hex digits of HMAC-SHA256."""
+    return b"h:" + hmac.new(key, value, hashlib.sha256).hexdigest()[:32].encode()
 
 
 def _mask_rows_py(buf: bytes | memoryview, start: int, stop: int,
@@ -70,7 +77,8 @@ def _mask_rows_py(buf: bytes | memoryview, start: int, stop: int,
                 out.append(b"\xff\xff\xff\xff" if value is None else _INT32.pack(len(value)) + value)
                 continue
             masked = (arg if kind == CONST else None if kind == NULL
-                      else partial_utf8(value, arg) if kind == PARTIAL else arg(value))
+                      else partial_utf8(value, arg) if kind == PARTIAL
+                      else keyed_hash(value, arg) if kind == HASH else arg(value))
             if kind == CALL and masked is value:  # the callable left it alone
                 out.append(_INT32.pack(len(value)) + value)
                 continue
