@@ -438,3 +438,31 @@ async def test_the_replay_timeline_skips_sealed_records(kms: CountingKms, tmp_pa
     assert any("unmasked originals sealed under data key 0 of arn:aws:kms:" in line for line in lines)
     assert not any("encrypted_data_key" in line for line in lines)
     assert json.dumps(lines)  # nothing undecodable slipped through
+
+
+async def test_a_starved_sealer_holds_the_stream_until_the_next_key_arrives(
+        kms: CountingKms, tmp_path: Path) -> None:
+    session = Session(tmp_path, kms, rotate_bytes=1000)
+    await session.sealer.open()
+    kms.gate.clear()  # KMS slow: the prefetch of key 1 hangs
+    while not session.sealer.starved(100):
+        session.sealer.seal(FROM_SERVER, b"v" * 100)
+        await asyncio.sleep(0)
+    waiting = asyncio.ensure_future(session.sealer.replenish(timeout=10))
+    await asyncio.sleep(0.2)
+    assert not waiting.done()  # still no key: the relay keeps the stream held
+    kms.gate.set()
+    await asyncio.wait_for(waiting, 10)
+    assert not session.sealer.starved(100)
+    session.sealer.seal(FROM_SERVER, b"v" * 100)  # sealed under the fresh key
+    session.sealer.close()
+    assert len(_key_events(session.records())) == 2
+
+
+async def test_replenish_gives_up_after_its_timeout(kms: CountingKms, tmp_path: Path) -> None:
+    session = Session(tmp_path, kms, rotate_bytes=1000)
+    await session.sealer.open()
+    kms.fail_generate = EndpointConnectionError(endpoint_url="https://kms.us-east-1.amazonaws.com")
+    with pytest.raises(SealingUnavailable, match="no fresh data key"):
+        await session.sealer.replenish(timeout=0.5)
+    session.sealer.close()

@@ -193,6 +193,32 @@ class PayloadSealer:
         key.sealed_bytes += size
         key.sealed_records += 1
 
+    def starved(self, upcoming: int) -> bool:
+        """Whether sealing `upcoming` more bytes would need a fresh data key that is not here yet:
+        the relay then holds the stream (`replenish`) instead of failing the session."""
+        key = self._key
+        if key is None or self._next is not None:
+            return False
+        return key.sealed_bytes + upcoming >= self.rotate_bytes * OVERUSE_FACTOR \
+            or key.sealed_records >= MAX_RECORDS_PER_KEY - 1
+
+    async def replenish(self, timeout: float = 30.0) -> None:
+        """Wait (the stream held) until the next data key is here; SealingUnavailable after `timeout`."""
+        deadline = self._clock() + timeout
+        while self._next is None:
+            if self._closed or self._key is None:
+                raise SealingUnavailable("the sealer is closed")
+            if self._clock() >= deadline:
+                raise SealingUnavailable(f"no fresh data key from the break-glass key {self.key_id} for session "
+                                         f"{self.session_id} within {timeout:g}s")
+            self._retry_at = 0.0
+            self._prefetch(self._key.index + 1)
+            fetching = self._fetching
+            if fetching is not None:
+                await asyncio.wait({fetching}, timeout=max(0.0, deadline - self._clock()))
+            else:
+                await asyncio.sleep(0.2)
+
     def close(self) -> None:
         """Drop the data keys (they live nowhere else) and stop any prefetch."""
         self._closed = True

@@ -220,6 +220,10 @@ class PostgresSession:
         """What the masker needs from the catalog, read on the gateway's own backend connection
         (the injected credential again; the client's session is never used for it)."""
         kind, subject = job
+        if kind == "sealing":
+            assert self.sealer is not None
+            await self.sealer.replenish()
+            return None
         grant = self.info.grant
         assert grant is not None and self._credential is not None
         catalog = CATALOGS.for_database(grant.target, self.info.database or "")
@@ -634,6 +638,12 @@ class Relay:
             self.server_tail += data
             return
         buf = self.server_tail + data if self.server_tail else data
+        sealer = self.session.sealer
+        if sealer is not None and sealer.starved(len(buf)):
+            # The sealing key is spent and the next one is on its way: hold the stream, lose nothing.
+            self.server_tail = buf
+            self.start_lookup(("sealing", None))
+            return
         try:
             end, events, trailing = scan_frames(buf, 0, SERVER_SKIP, self.max_len)
         except FrameError as exc:
@@ -749,12 +759,15 @@ class Relay:
         try:
             result = await self.session.lookup(job)
         except Exception as exc:  # fail closed: no result leaves unmasked
-            log.warning("session %s: masking lineage lookup failed: %s", self.session.session_id, exc)
-            self.fail_protocol("XX000", "Proctor cannot mask this result: the target's catalog is unavailable")
+            log.warning("session %s: %s lookup failed: %s", self.session.session_id, job[0], exc)
+            self.fail_protocol("XX000", "Proctor cannot keep this result's evidence: the break-glass key is "
+                                        "unavailable" if job[0] == "sealing" else
+                               "Proctor cannot mask this result: the target's catalog is unavailable")
             return
         if self.done.done():
             return
-        masker.looked_up(job, result)
+        if job[0] != "sealing":
+            masker.looked_up(job, result)
         self.lookup = None
         self.from_server(b"")
         if self.lookup is None and self.server is not None and not self.server.is_closing():
