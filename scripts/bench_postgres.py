@@ -1,11 +1,12 @@
 #!/usr/bin/env python3
 """Benchmark the PostgreSQL data path in one run, against the same hermetic PostgreSQL of the local
 stack: direct (plaintext TCP, SCRAM) vs pgbouncer (session pooling, plaintext) vs pgbouncer with client
-TLS required vs the Proctor gateway (TLS, full recording), with guardrails and (pgbench only) without.
-Prints a table and writes BENCHMARKS.md at the repository root.
+TLS required vs the Proctor gateway (TLS, full recording), with guardrails and (pgbench, masking) without,
+and under a policy that masks two columns (masking). Prints a table and writes BENCHMARKS.md at the
+repository root.
 
-    .venv/bin/python scripts/bench_postgres.py [--duration 10] [--quick] [--skip-gateway]
-                                               [--suites pgbench,transfer,connect,idle]
+    .venv/bin/python scripts/bench_postgres.py [--duration 10] [--quick] [--skip-gateway] [--output FILE]
+                                               [--suites pgbench,transfer,masking,connect,idle]
 
 See scripts/README.md for what is measured and how.
 """
@@ -51,18 +52,44 @@ from proctor.dev.tls import make_ca_and_server_cert  # noqa: E402
 
 # pgbouncer+tls: pgbouncer as above but requiring client TLS, as the gateway does (like-for-like on TLS).
 # gateway: a grant under the seeded policy pipeline-acme-app, which has guardrails; gateway (no guardrails):
-# the same gateway process, a grant under a policy the script creates without any (pgbench suite only).
+# the same gateway process, a grant under a policy the script creates without any (pgbench and masking
+# suites); gateway (masked): the same again, under a policy without guardrails that masks two columns.
 GATEWAY_PLAIN = "gateway (no guardrails)"
-PATHS = ("direct", "pgbouncer", "pgbouncer+tls", "gateway", GATEWAY_PLAIN)
-PGBENCH_ONLY = (GATEWAY_PLAIN,)  # paths the transfer, connect and idle suites skip ("—" in the table)
-SUITES = ("pgbench", "transfer", "connect", "idle")
-# The policy without guardrails: same target, backend role and session length as pipeline-acme-app.
+GATEWAY_MASKED = "gateway (masked)"
+PATHS = ("direct", "pgbouncer", "pgbouncer+tls", "gateway", GATEWAY_PLAIN, GATEWAY_MASKED)
+SUITES = ("pgbench", "transfer", "masking", "connect", "idle")
+# The paths each suite measures ("—" in the table for the others).
+COMMON_PATHS = ("direct", "pgbouncer", "pgbouncer+tls", "gateway")
+SUITE_PATHS = {"pgbench": (*COMMON_PATHS, GATEWAY_PLAIN), "transfer": COMMON_PATHS,
+               "masking": ("direct", GATEWAY_PLAIN, GATEWAY_MASKED), "connect": COMMON_PATHS, "idle": COMMON_PATHS}
+# The policies the script creates through the API, with the same target, backend role and session length as
+# pipeline-acme-app and no guardrails: policy → (the repository claim it matches, its masking rules).
 PLAIN_POLICY = "bench-no-guardrails"
 PLAIN_REPOSITORY = "acme/bench"
+MASKED_POLICY = "bench-masked"
+MASKED_REPOSITORY = "acme/bench-masked"
+MASK_RULES = [{"name": "bench-email", "columns": ["*.bench_people.email"], "method": "hash"},
+              {"name": "bench-card", "columns": ["*.bench_people.card_number"], "method": "partial", "keep_last": 4}]
+BENCH_POLICIES = {PLAIN_POLICY: (PLAIN_REPOSITORY, []), MASKED_POLICY: (MASKED_REPOSITORY, MASK_RULES)}
+# gateway path → (the repository claim of its grant's pipeline, run id, the policy the script creates or None)
+GATEWAY_GRANTS = {"gateway": ("acme/app", "bench", None),
+                  GATEWAY_PLAIN: (PLAIN_REPOSITORY, "bench-plain", PLAIN_POLICY),
+                  GATEWAY_MASKED: (MASKED_REPOSITORY, "bench-masked", MASKED_POLICY)}
 NOISY_LOAD = 1.5  # 1-min load average at the start above which the run warns that figures will be noisy
 SSL_REQUEST = struct.pack("!ii", 8, 80877103)
 SELECT_SQL = "SELECT * FROM pgbench_accounts"
 COPY_SQL = "COPY pgbench_accounts TO STDOUT"
+# The masking suite's table (demo database, created as the superuser): two of its four columns are masked.
+PEOPLE_TABLE = "bench_people"
+PEOPLE_ROWS = 1_000_000
+TEST_CARD = "4111111111111111"  # Luhn-valid (a well-known test number)
+PEOPLE_CREATE_SQL = (
+    "DROP TABLE IF EXISTS bench_people; CREATE TABLE bench_people AS SELECT i AS id, "
+    "'user' || i || '@example.com' AS email, '4111111111111111'::text AS card_number, 'note ' || i AS note "
+    "FROM generate_series(1, 1000000) AS i; GRANT SELECT ON bench_people TO app_rw"
+)
+PEOPLE_SQL = "SELECT * FROM bench_people"
+PEOPLE_CHECK_SQL = "SELECT email, card_number FROM bench_people LIMIT 1"
 PGBOUNCER_POOL_SIZE = 20
 PGBOUNCER_MAX_CLIENTS = 2000
 
@@ -234,6 +261,26 @@ def measure_payload_bytes(direct: Endpoint) -> dict[str, int]:
     return {"rows": int(rows), "select": int(fields) + 23 * int(rows), "copy": int(fields) + 9 * int(rows)}
 
 
+def ensure_people_table(state: dict[str, Any]) -> str:
+    """bench_people (1M rows, an e-mail and a card number in each) in the demo database, readable by app_rw."""
+    exists = superuser_sql(state, "SELECT to_regclass('public.bench_people') IS NOT NULL") == "t"
+    if exists and int(superuser_sql(state, "SELECT count(*) FROM bench_people")) == PEOPLE_ROWS:
+        return f"{PEOPLE_TABLE} already holds {PEOPLE_ROWS:,} rows"
+    superuser_sql(state, PEOPLE_CREATE_SQL)
+    superuser_sql(state, "VACUUM ANALYZE bench_people")  # hint bits set now, not during the first timed run
+    return f"{PEOPLE_TABLE} created ({PEOPLE_ROWS:,} rows)"
+
+
+def measure_people_payload(direct: Endpoint) -> dict[str, int]:
+    """Bytes on the wire of the clear result of PEOPLE_SQL: its DataRows, as measure_payload_bytes counts them."""
+    with psycopg.connect(**direct.kwargs()) as conn:
+        rows, fields = conn.execute(
+            "SELECT count(*), sum(octet_length(id::text) + octet_length(email) + octet_length(card_number)"
+            " + octet_length(note)) FROM bench_people"
+        ).fetchone()
+    return {"people-rows": int(rows), "people": int(fields) + 23 * int(rows)}  # 4 columns, as above
+
+
 def count_backends(state: dict[str, Any]) -> int:
     return int(superuser_sql(state, "SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'client backend'"
                                     " AND pid <> pg_backend_pid()"))
@@ -378,23 +425,24 @@ def issuer(state: dict[str, Any]) -> Any:
     return DevIssuer(Path(state["oidc_key"]), state["oidc_issuer"])
 
 
-def create_plain_policy(state: dict[str, Any]) -> str:
-    """As an admin, create the policy without guardrails (201; 409 when it already exists is fine)."""
+def create_policy(state: dict[str, Any], name: str) -> str:
+    """As an admin, create one of BENCH_POLICIES, without guardrails (201; 409 when it already exists is fine)."""
     from proctor.api_client import ApiClient, ApiError
 
     token = issuer(state).mint("bench-admin@example.com", groups=("admins",))
     SECRETS.append(token)
-    body = {"name": PLAIN_POLICY, "subjects": [{"claims": {"repository": PLAIN_REPOSITORY}}],
-            "targets": [seed.DEMO_TARGET], "backend_role": seed.ROLE_RW, "max_session_seconds": 3600}
+    repository, masking = BENCH_POLICIES[name]
+    body = {"name": name, "subjects": [{"claims": {"repository": repository}}], "targets": [seed.DEMO_TARGET],
+            "backend_role": seed.ROLE_RW, "max_session_seconds": 3600, "masking": masking}
     try:
         status, _ = ApiClient(state["api_url"], token).post("/v1/policies", body)
     except ApiError as exc:
         if exc.status == 409:
-            return f"policy {PLAIN_POLICY} already existed (409)"
-        raise RuntimeError(f"could not create policy {PLAIN_POLICY}: {exc}") from None
+            return f"policy {name} already existed (409)"
+        raise RuntimeError(f"could not create policy {name}: {exc}") from None
     if status != 201:
-        raise RuntimeError(f"could not create policy {PLAIN_POLICY}: the control plane answered {status}")
-    return f"policy {PLAIN_POLICY} created (201)"
+        raise RuntimeError(f"could not create policy {name}: the control plane answered {status}")
+    return f"policy {name} created (201)"
 
 
 def request_grant(state: dict[str, Any], repository: str, run_id: str) -> dict[str, Any]:
@@ -449,11 +497,14 @@ def pgbench_tps(ep: Endpoint, protocol: str, clients: int, threads: int, duratio
     return Figure(float(match.group(1)), note=note)
 
 
-def psql_wall_times(ep: Endpoint, sql: str, repeat: int) -> list[float]:
+def psql_wall_times(ep: Endpoint, sql: str, repeat: int,
+                    before_each: Callable[[], object] | None = None) -> list[float]:
     """Wall time of a psql process that reads everything and discards it (includes its connect)."""
     argv = [tool("psql"), "-X", "-q", "-A", "-t", "-v", "ON_ERROR_STOP=1", "-o", "/dev/null", "-c", sql]
     times = []
     for _ in range(repeat):
+        if before_each is not None:
+            before_each()
         started = time.perf_counter()
         out = subprocess.run(argv, env=ep.env(), capture_output=True, text=True, check=False, timeout=600)
         elapsed = time.perf_counter() - started
@@ -463,11 +514,37 @@ def psql_wall_times(ep: Endpoint, sql: str, repeat: int) -> list[float]:
     return times
 
 
-def transfer_figures(ep: Endpoint, sql: str, repeat: int, payload: int) -> tuple[Figure, Figure]:
-    times = psql_wall_times(ep, sql, repeat)
+def transfer_figures(ep: Endpoint, sql: str, repeat: int, payload: int,
+                     settle: Callable[[], float] | None = None) -> tuple[Figure, Figure]:
+    """Median wall time and MB/s; `settle` (if any) runs before each run and says how long it waited."""
+    waits: list[float] = []
+    times = psql_wall_times(ep, sql, repeat, (lambda: waits.append(settle())) if settle else None)
     wall = statistics.median(times)
-    spread = ", ".join(f"{t:.2f}" for t in times)
-    return Figure(wall, note=f"runs {spread} s"), Figure(payload / 1e6 / wall)
+    note = "runs " + ", ".join(f"{t:.2f}" for t in times) + " s"
+    if waits:
+        note += f"; before each, the gateway went quiet within {max(waits):.1f} s"
+    return Figure(wall, note=note), Figure(payload / 1e6 / wall)
+
+
+def process_tree_cpu(pid: int) -> float:
+    total = 0.0
+    for each in (pid, *descendants(pid)):
+        with contextlib.suppress(OSError, ValueError, IndexError):  # a child may exit meanwhile
+            total += cpu_seconds(each)
+    return total
+
+
+def wait_until_quiet(pid: int, share: float = 0.1, limit: float = 60.0) -> float:
+    """Wait until the process and its descendants use under `share` of one core over half a second (at most
+    `limit` s); the seconds waited. The gateway still records and ships a 1M-row session after it ends: on
+    shared cores that work would slow whichever run comes next."""
+    started = time.monotonic()
+    while time.monotonic() - started < limit:
+        before = process_tree_cpu(pid)
+        time.sleep(0.5)
+        if process_tree_cpu(pid) - before < share * 0.5:
+            break
+    return time.monotonic() - started
 
 
 def percentile(values: list[float], pct: float) -> float:
@@ -597,9 +674,13 @@ def suite_start(bench: Bench, suite: str) -> None:
         f"on {os.cpu_count()} cores")
 
 
-def suite_paths() -> list[str]:
-    """The paths of the transfer, connect and idle suites: all but the pgbench-only ones."""
-    return [path for path in PATHS if path not in PGBENCH_ONLY]
+def suite_paths(suite: str) -> tuple[str, ...]:
+    return SUITE_PATHS[suite]
+
+
+def wanted_paths(bench: Bench) -> set[str]:
+    """The paths some suite of this run measures."""
+    return {path for suite in bench.args.suites for path in suite_paths(suite)}
 
 
 def run_pgbench_suite(bench: Bench) -> None:
@@ -611,7 +692,7 @@ def run_pgbench_suite(bench: Bench) -> None:
     for protocol in ("simple", "prepared"):
         for clients, threads in ((1, 1), (8, 2)):
             key = f"pgbench-{protocol}-c{clients}"
-            for path in PATHS:
+            for path in suite_paths("pgbench"):
                 attempt(bench, [key], path, lambda p=path, pr=protocol, c=clients, t=threads:
                         pgbench_tps(bench.endpoints[p], pr, c, t, duration))
 
@@ -621,9 +702,56 @@ def run_transfer_suite(bench: Bench) -> None:
     with contextlib.suppress(RuntimeError, subprocess.TimeoutExpired):  # page cache warm-up, not recorded
         psql_wall_times(bench.endpoints["direct"], SELECT_SQL, 1)
     for name, sql in (("select", SELECT_SQL), ("copy", COPY_SQL)):
-        for path in suite_paths():
+        for path in suite_paths("transfer"):
             attempt(bench, [f"{name}-wall", f"{name}-mbps"], path, lambda p=path, s=sql, n=name:
                     transfer_figures(bench.endpoints[p], s, bench.args.repeat, bench.payload_bytes[n]))
+
+
+def masking_problem(bench: Bench) -> str | None:
+    """Why the masking figures would not be what they claim: the masked path must mask, direct must not."""
+    if GATEWAY_MASKED in bench.unavailable:
+        return None  # nothing to check: its cells say why
+    rows = {}
+    for path in ("direct", GATEWAY_MASKED):
+        with psycopg.connect(**bench.endpoints[path].kwargs()) as conn:
+            rows[path] = conn.execute(PEOPLE_CHECK_SQL).fetchone()
+    email, card = rows[GATEWAY_MASKED]
+    if not (email.startswith("h:") and card.startswith("*") and card.endswith(TEST_CARD[-4:])):
+        return f"{GATEWAY_MASKED} returned a row that is not masked as its policy says: {PEOPLE_CHECK_SQL}"
+    email, card = rows["direct"]
+    if not (email.startswith("user") and email.endswith("@example.com") and card == TEST_CARD):
+        return f"direct returned a row that is not clear: {PEOPLE_CHECK_SQL}"
+    return None
+
+
+def run_masking_suite(bench: Bench) -> None:
+    """Two masked columns over 1M rows, and a result without masked columns under the same masking grant."""
+    suite_start(bench, "masking")
+    keys = ["masked-wall", "masked-mbps", "fastpath-wall", "fastpath-mbps"]
+    direct = bench.endpoints["direct"]
+    try:
+        log(ensure_people_table(bench.state))
+        bench.payload_bytes |= measure_people_payload(direct)
+        problem = masking_problem(bench)
+    except Exception as exc:  # every failure is a result to report
+        problem = scrub(f"{type(exc).__name__}: {exc}".strip())
+    if problem is not None:  # never measure a path that does not mask as if it did
+        print(f"!! masking suite not measured: {problem}", flush=True)
+        bench.notes.append(f"masking suite not measured, the sanity check failed: {problem}")
+        for key in keys:
+            bench.record(key, GATEWAY_MASKED, Figure(error=f"sanity check failed: {problem}"))
+        return
+    log(f"sanity check: {GATEWAY_MASKED} masks e-mail and card number, direct returns them clear")
+    with contextlib.suppress(RuntimeError, subprocess.TimeoutExpired):  # page cache warm-up, not recorded
+        psql_wall_times(direct, PEOPLE_SQL, 1)
+    gateway_pid = (bench.state.get("pids") or {}).get("gateway")
+    settle = (lambda: wait_until_quiet(gateway_pid)) if gateway_pid else None
+    runs = (("masked", PEOPLE_SQL, "people", suite_paths("masking")),
+            ("fastpath", SELECT_SQL, "select", (GATEWAY_PLAIN, GATEWAY_MASKED)))
+    for name, sql, payload, paths in runs:
+        for path in paths:
+            attempt(bench, [f"{name}-wall", f"{name}-mbps"], path, lambda p=path, s=sql, b=payload:
+                    transfer_figures(bench.endpoints[p], s, bench.args.repeat, bench.payload_bytes[b], settle))
 
 
 def latency_figures(ep: Endpoint, count: int) -> tuple[Figure, Figure]:
@@ -634,14 +762,14 @@ def latency_figures(ep: Endpoint, count: int) -> tuple[Figure, Figure]:
 
 def run_connect_suite(bench: Bench) -> None:
     suite_start(bench, "connect")
-    for path in suite_paths():
+    for path in suite_paths("connect"):
         attempt(bench, ["connect-p50", "connect-p99"], path,
                 lambda p=path: latency_figures(bench.endpoints[p], bench.args.connections))
 
 
 def run_idle_suite(bench: Bench) -> None:
     suite_start(bench, "idle")
-    for path in suite_paths():
+    for path in suite_paths("idle"):
         if path == "direct":
             bench.record("idle-kib", path, Figure(error="n/a"))  # a backend per session is PostgreSQL's cost
             continue
@@ -667,13 +795,16 @@ class Row:
 
 
 # The ratio columns: (top, bottom) → header. gateway/pgbouncer (plaintext) is the issue's target;
-# gateway/pgbouncer+tls compares like for like on TLS; gw/gw-no-guardrails is what guardrails cost.
+# gateway/pgbouncer+tls compares like for like on TLS; gw/gw-no-guardrails is what guardrails cost;
+# masked/gw-no-masking is what masking costs (gateway (no guardrails) has no masking rules either).
 RATIOS: dict[tuple[str, str], str] = {
     ("pgbouncer", "direct"): "pgbouncer/direct",
     ("gateway", "direct"): "gateway/direct",
     ("gateway", "pgbouncer"): "gateway/pgbouncer",
     ("gateway", "pgbouncer+tls"): "gateway/pgbouncer+tls",
     ("gateway", GATEWAY_PLAIN): "gw/gw-no-guardrails",
+    (GATEWAY_MASKED, "direct"): "masked/direct",
+    (GATEWAY_MASKED, GATEWAY_PLAIN): "masked/gw-no-masking",
 }
 
 
@@ -692,6 +823,12 @@ def rows(bench: Bench) -> list[Row]:
         Row("transfer", "select-mbps", "1M-row SELECT (MB/s)", 1, (("gateway/direct", ">=", 0.8),)),
         Row("transfer", "copy-wall", "COPY OUT 1M rows, wall time (s)", 2),
         Row("transfer", "copy-mbps", "COPY OUT 1M rows (MB/s)", 1, (("gateway/direct", ">=", 0.8),)),
+        Row("masking", "masked-wall", "1M-row SELECT, 2 of 4 columns masked, wall time (s)", 2),
+        Row("masking", "masked-mbps", "1M-row SELECT, 2 of 4 columns masked (MB/s)", 1,
+            ((f"{GATEWAY_MASKED}/direct", ">=", 0.5),)),
+        Row("masking", "fastpath-wall", "1M-row SELECT, no masked column, wall time (s)", 2),
+        Row("masking", "fastpath-mbps", "1M-row SELECT, no masked column (MB/s)", 1,
+            ((f"{GATEWAY_MASKED}/{GATEWAY_PLAIN}", ">=", 0.9),)),
         Row("connect", "connect-p50", "connect + SELECT 1 + close, p50 (ms)", 2),
         Row("connect", "connect-p99", "connect + SELECT 1 + close, p99 (ms)", 2),
         Row("idle", "idle-kib", f"RSS per idle session, {bench.args.idle_sessions} sessions (KiB)", 1,
@@ -813,6 +950,27 @@ def parameters(bench: Bench) -> list[str]:
          f"of DataRow messages ({payload.get('rows', 0):,} rows) / wall time, 1 MB = 10⁶ bytes"),
         ("transfer", f"COPY OUT: `psql -X -q -A -t -o /dev/null -c \"{COPY_SQL}\"`, median of {a.repeat} runs; "
          f"MB/s = {payload.get('copy', 0):,} bytes of CopyData messages / wall time"),
+        ("masking", f"masked SELECT: `{PEOPLE_SQL}` over `{PEOPLE_TABLE}` ({PEOPLE_ROWS:,} rows: `id int`, `email` "
+         f"'user<i>@example.com', `card_number` '{TEST_CARD}', `note` 'note <i>'; created with CREATE TABLE AS "
+         f"and VACUUM ANALYZE as the superuser in the demo database, SELECT granted to `{seed.ROLE_RW}`), two of "
+         f"its four columns masked by the policy of {GATEWAY_MASKED}: " + "; ".join(
+             f"`{rule['name']}` {', '.join(rule['columns'])} → {rule['method']}"
+             + (f" (keep_last {rule['keep_last']})" if "keep_last" in rule else "") for rule in MASK_RULES)
+         + f"; psql as in the transfer suite, median of {a.repeat} runs, after one unrecorded warm-up run "
+         "(direct); before each run (every path) the script waits until the gateway process and its children use "
+         "under 10% of a core over 0.5 s (at most 60 s): the gateway records, seals and ships a 1M-row session for "
+         "seconds after it ends, which would otherwise slow whichever run comes next; "
+         f"MB/s = {payload.get('people', 0):,} bytes of the clear result's DataRow messages "
+         f"({payload.get('people-rows', 0):,} rows) / wall time on every path (the masked result is larger on the "
+         "wire: a 34-character hash for each e-mail), so the MB/s ratios are the inverse of the wall-time ratios; "
+         f"measured on direct, {GATEWAY_PLAIN} (the same gateway, no masking rules: the fair comparison) and "
+         f"{GATEWAY_MASKED}; target masked/direct ≥ 0.5x"),
+        ("masking", f"no masked column: `{SELECT_SQL}` ({payload.get('select', 0):,} bytes of DataRows) on "
+         f"{GATEWAY_MASKED} (a masking grant, a result with no masked column: the fast path) and {GATEWAY_PLAIN}, "
+         f"as above; target masked/gw-no-masking ≥ 0.9x"),
+        ("masking", "sanity check before measuring: one row of "
+         f"`{PEOPLE_CHECK_SQL}` must come back masked through {GATEWAY_MASKED} (e-mail `h:…`, card number "
+         f"`*…{TEST_CARD[-4:]}`) and clear directly, otherwise the suite records an error instead of figures"),
         ("connect", f"connection setup: {a.connections} sequential psycopg `connect()` + `SELECT 1` + `close()` "
          "per path"),
         ("idle", f"idle sessions: {a.idle_sessions} psycopg AsyncConnections opened {a.connect_concurrency} at a "
@@ -837,9 +995,14 @@ def parameters(bench: Bench) -> list[str]:
         f"{GATEWAY_PLAIN}: the same gateway process and settings, the grant of a pipeline token (`repository: "
         f"{PLAIN_REPOSITORY}`), issued under {bench.grant_policies.get(GATEWAY_PLAIN, PLAIN_POLICY)}, a policy "
         f"the script creates through the API as an admin with the same target (`{seed.DEMO_TARGET}`), backend "
-        f"role (`{seed.ROLE_RW}`) and `max_session_seconds` (3600) and no guardrails, so no statement is parsed; "
-        "measured in the pgbench suite only (— elsewhere); gw/gw-no-guardrails = gateway ÷ gateway (no "
-        "guardrails), what the guardrails cost",
+        f"role (`{seed.ROLE_RW}`) and `max_session_seconds` (3600) and no guardrails (nor masking rules), so no "
+        "statement is parsed; measured in the pgbench and masking suites only (— elsewhere); gw/gw-no-guardrails "
+        "= gateway ÷ gateway (no guardrails), what the guardrails cost",
+        f"{GATEWAY_MASKED}: the same gateway process and settings, the grant of a pipeline token (`repository: "
+        f"{MASKED_REPOSITORY}`), issued under {bench.grant_policies.get(GATEWAY_MASKED, MASKED_POLICY)}, a policy "
+        f"the script creates like {PLAIN_POLICY} (no guardrails) with the masking rules above; measured in the "
+        f"masking suite only (— elsewhere); masked/gw-no-masking = {GATEWAY_MASKED} ÷ {GATEWAY_PLAIN}, what "
+        "masking costs",
         "everything (clients, pgbouncer, gateway, PostgreSQL, moto) shares the same cores",
     ]
 
@@ -852,7 +1015,8 @@ def render_report(bench: Bench) -> str:
     return scrub(f"""# PostgreSQL data path benchmarks
 
 Direct vs pgbouncer (session pooling) vs pgbouncer with client TLS vs the Proctor gateway (TLS, full
-recording) with guardrails and (pgbench only) without, one run against the same hermetic PostgreSQL.
+recording) with guardrails, without (pgbench, masking) and with masking rules (masking), one run against the
+same hermetic PostgreSQL.
 Generated by `{command.strip()}`; ratios are path ÷ path of the figure as shown (for TPS and MB/s above 1x
 is faster, for times and latencies above 1x is slower).
 
@@ -897,7 +1061,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--duration", type=int, default=10, help="seconds per pgbench run (default 10)")
     parser.add_argument("--quick", action="store_true",
-                        help="smoke run: 3 s pgbench runs, 200 idle sessions, one run per transfer")
+                        help="smoke run: 3 s pgbench runs, 200 idle sessions, one run per transfer and masking SELECT")
     parser.add_argument("--skip-gateway", action="store_true",
                         help="measure direct and the two pgbouncers only")
     parser.add_argument("--scale", type=int, default=10, help="pgbench scale (10 = 1M accounts)")
@@ -926,12 +1090,23 @@ def prepare(bench: Bench, directory: Path) -> None:
         bench.notes.append(ensure_max_connections(state, bench.args.idle_sessions + 100, directory))
     log(f"pgbench -i -s {bench.args.scale}")
     init_pgbench(bench.endpoints["direct"], bench.args.scale)
-    if "transfer" in bench.args.suites:
+    if {"transfer", "masking"} & set(bench.args.suites):  # both measure the SELECT of pgbench_accounts
         bench.payload_bytes = measure_payload_bytes(bench.endpoints["direct"])
+
+
+def mark_unmeasured_paths(bench: Bench) -> None:
+    """The paths no suite of this run measures: they get no pgbouncer, no grant, and "—" in the table."""
+    wanted = wanted_paths(bench)
+    for path in PATHS:
+        if path not in wanted:
+            measured_by = [suite for suite in SUITES if path in suite_paths(suite)]
+            bench.unavailable[path] = f"measured in the {', '.join(measured_by)} suite(s) only, which this run skips"
 
 
 def prepare_pgbouncer(bench: Bench, name: str, directory: Path, bouncers: list[PgBouncer]) -> None:
     """pgbouncer (plaintext) or pgbouncer+tls (client TLS required): each its own process and port."""
+    if name in bench.unavailable:  # not measured by this run's suites
+        return
     tls = name == "pgbouncer+tls"
     direct = bench.endpoints["direct"]
     try:
@@ -958,25 +1133,24 @@ def negotiated_tls(ep: Endpoint) -> str:
 
 
 def prepare_gateway(bench: Bench) -> None:
-    """Two grants on the same gateway: under pipeline-acme-app (guardrails) and under a policy without any."""
-    plain_wanted = "pgbench" in bench.args.suites  # the only suite that measures the path without guardrails
+    """Grants on the same gateway, for the gateway paths this run's suites measure: under pipeline-acme-app
+    (guardrails), under a policy without any and under one without guardrails but with masking rules."""
     if bench.args.skip_gateway:
-        bench.unavailable["gateway"] = bench.unavailable[GATEWAY_PLAIN] = "skipped (--skip-gateway)"
+        for name in GATEWAY_GRANTS:
+            bench.unavailable[name] = "skipped (--skip-gateway)"
         return
-    if not plain_wanted:
-        bench.unavailable[GATEWAY_PLAIN] = "measured in the pgbench suite only, which this run skips"
     problem = gateway_problem(bench.state)
     if problem is not None:
         print(f"!! gateway not benchmarked: {problem}", flush=True)
-        bench.unavailable["gateway"] = problem
-        bench.unavailable.setdefault(GATEWAY_PLAIN, problem)
-        return
-    grants = [("gateway", "acme/app", "bench")] + ([(GATEWAY_PLAIN, PLAIN_REPOSITORY, "bench-plain")]
-                                                    if plain_wanted else [])
-    for name, repository, run_id in grants:
+    for name, (repository, run_id, created_policy) in GATEWAY_GRANTS.items():
+        if name in bench.unavailable:  # not measured by this run's suites
+            continue
+        if problem is not None:
+            bench.unavailable[name] = problem
+            continue
         try:
-            if name == GATEWAY_PLAIN:
-                log(create_plain_policy(bench.state))
+            if created_policy is not None:
+                log(create_policy(bench.state, created_policy))
             endpoint, policy = gateway_endpoint(bench.state, name, repository, run_id)
         except Exception as exc:  # a missing policy or grant is a reason to report, not to abort
             bench.unavailable[name] = scrub(f"could not get a grant: {type(exc).__name__}: {exc}")
@@ -1014,17 +1188,26 @@ def main(argv: list[str] | None = None) -> int:
                            f"policy pipeline-acme-app ({len(seed.PIPELINE_GUARDRAILS)} guardrails) and under "
                            f"{PLAIN_POLICY} (none); gw/gw-no-guardrails is what the guardrails cost. pgbench -S "
                            "simple sends a new literal every time, so it measures the verdict cache by statement "
-                           f"shape; {GATEWAY_PLAIN} is measured in the pgbench suite only (— in the other rows)")
+                           f"shape; {GATEWAY_PLAIN} is measured in the pgbench and masking suites only (— in the "
+                           "other rows)")
+    if "masking" in args.suites:
+        bench.notes.append(f"{GATEWAY_MASKED} is the same gateway process again, a grant under {MASKED_POLICY} (no "
+                           f"guardrails, {len(MASK_RULES)} masking rules); {GATEWAY_PLAIN} (no guardrails, no "
+                           "masking rules) is the gateway without masking, so masked/gw-no-masking is what masking "
+                           "costs: on two masked columns, and on a result with none (the fast path); masked/direct "
+                           "includes the gateway's own cost (client TLS, recording) as well")
     skipped = [suite for suite in SUITES if suite not in args.suites]
     if skipped:
         bench.notes.append(f"suites run: {', '.join(args.suites)}; not run (--suites): {', '.join(skipped)}")
+    mark_unmeasured_paths(bench)
     bouncers: list[PgBouncer] = []
     try:
         prepare(bench, directory)
         prepare_pgbouncer(bench, "pgbouncer", directory, bouncers)
         prepare_pgbouncer(bench, "pgbouncer+tls", directory, bouncers)
         prepare_gateway(bench)
-        tls_paths = [p for p in ("pgbouncer+tls", "gateway") if p in bench.endpoints]
+        gateways = [p for p in GATEWAY_GRANTS if p in bench.endpoints][:1]  # one process: one is enough
+        tls_paths = [p for p in ("pgbouncer+tls", *gateways) if p in bench.endpoints]
         if tls_paths:
             bench.notes.append("client TLS negotiated (psql `\\conninfo`, sslmode=require): " + "; ".join(
                 f"{p} {negotiated_tls(bench.endpoints[p])}" for p in tls_paths))
@@ -1032,8 +1215,8 @@ def main(argv: list[str] | None = None) -> int:
         if bench.grant_policies:
             bench.notes.append("grants: " + "; ".join(f"{path} under policy {policy}"
                                                       for path, policy in bench.grant_policies.items()))
-        suites = {"pgbench": run_pgbench_suite, "transfer": run_transfer_suite, "connect": run_connect_suite,
-                  "idle": run_idle_suite}
+        suites = {"pgbench": run_pgbench_suite, "transfer": run_transfer_suite, "masking": run_masking_suite,
+                  "connect": run_connect_suite, "idle": run_idle_suite}
         for suite in args.suites:
             suites[suite](bench)
         report = render_report(bench)
