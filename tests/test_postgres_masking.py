@@ -217,6 +217,14 @@ def test_a_notice_that_echoes_a_value_is_masked(stack: Stack, writer: dict[str, 
     assert notices == ["contact: ***"]
 
 
+def test_a_notification_payload_is_scanned(stack: Stack, writer: dict[str, Any]) -> None:
+    with psycopg.connect(**stack.conninfo(writer), autocommit=True) as conn:
+        conn.execute("LISTEN signups")
+        conn.execute("SELECT pg_notify('signups', 'new: ' || email) FROM customers WHERE id = 1")
+        payloads = [n.payload for n in conn.notifies(timeout=10, stop_after=1)]
+    assert payloads == ["new: ***"]
+
+
 def test_each_mask_action_is_evidence(stack: Stack) -> None:
     grant = stack.grant(stack.issuer.mint("ev@example.com", groups=["engineers"]))
     out = psql_through(stack, grant, "SELECT email, ssn, upper(email) FROM customers")

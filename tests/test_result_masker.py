@@ -288,3 +288,16 @@ def test_the_keyed_hash_agrees_with_the_masking_method() -> None:
     row = m.data_row([b"ada@example.com"])
     masked, _ = rowmask.mask_rows(row, 0, len(row), ((rowmask.HASH, b"tenant"),))
     assert masked is not None and m.parse_data_row(masked[5:]) == [method.apply("ada@example.com").encode()]
+
+
+def test_notify_payloads_are_scanned_and_function_calls_refused() -> None:
+    mk, results = masker()
+    body = struct.pack("!i", 42) + m.cstring("signups") + m.cstring("new customer ada@example.com")
+    masked = mk.server_message(0x41, body)
+    assert masked is not None and masked[5:] == struct.pack("!i", 42) + m.cstring("signups") + m.cstring(
+        "new customer ***")
+    assert results[0].counts == {("detect", "detector:email", "redact", "notify"): 1}
+    assert mk.server_message(0x41, struct.pack("!i", 42) + m.cstring("c") + m.cstring("nothing here")) is None
+    mk.client_message(0x46, struct.pack("!I", 1234) + b"\x00\x00\x00\x00\x00\x00")
+    refused = mk.server_message(0x56, b"\x00\x00\x00\x03abc")
+    assert refused is not None and m.error_fields(refused[5:])["C"] == "42501"

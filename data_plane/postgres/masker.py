@@ -232,6 +232,11 @@ class ResultMasker:
             return self.mask_error(body, b"E")
         elif msg_type == 0x4E:  # NoticeResponse
             return self.mask_error(body, b"N")
+        elif msg_type == 0x41:  # NotificationResponse: a trigger may NOTIFY a row's values
+            return self.mask_notification(body)
+        elif msg_type == 0x56:  # FunctionCallResponse: a value of unknown lineage and type
+            return m.error_response("42501", "Proctor: function calls by OID are not allowed under masking rules; "
+                                             "call the function in a query")
         elif msg_type == 0x5A:  # ReadyForQuery
             self._end_result()
             self.copy = None
@@ -551,6 +556,23 @@ class ResultMasker:
             return None
         self.on_result(plan)
         return m.frame(msg_type, b"".join(k.encode() + v.encode() + b"\x00" for k, v in out) + b"\x00")
+
+    def mask_notification(self, body: bytes) -> bytes | None:
+        """A NOTIFY payload with what the content detectors find masked."""
+        if not self.masking.content_rules():
+            return None
+        reader = m.Reader(body)
+        pid = reader.int32()
+        channel = reader.cstring()
+        payload = reader.cstring()
+        masked, hits = self.masking.scan(payload)
+        if not hits:
+            return None
+        plan = ResultPlan((), f"NOTIFY {channel}", True)
+        for rule, detector in hits:
+            plan.count(rule, f"detector:{detector}", "redact", "notify")
+        self.on_result(plan)
+        return m.frame(b"A", struct.pack("!i", pid) + m.cstring(channel) + m.cstring(masked))
 
     def _masked_columns(self, schema: str | None, table: str) -> set[str]:
         snapshot = self.snapshot
