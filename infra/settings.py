@@ -62,6 +62,7 @@ class ProctorSettings:
     api_throttle_rate: int
     api_throttle_burst: int
     tls_secret_name: str
+    masking_key_secret_name: str
     vpc_id: str | None
     vpc_cidr: str
     client_cidrs: tuple[str, ...]
@@ -88,6 +89,7 @@ class ProctorSettings:
             api_throttle_rate=_number(node, "proctor:apiThrottleRate", 50),
             api_throttle_burst=_number(node, "proctor:apiThrottleBurst", 100),
             tls_secret_name=_text(node, "proctor:tlsSecretName", "proctor/gateway-tls"),
+            masking_key_secret_name=_text(node, "proctor:maskingKeySecretName", "proctor/masking-hash-key"),
             vpc_id=_text(node, "proctor:vpcId", "") or None,
             vpc_cidr=_text(node, "proctor:vpcCidr", "10.64.0.0/16"),
             client_cidrs=_texts(node, "proctor:clientCidrs", ()),

@@ -693,8 +693,9 @@ def test_gateway_container_gets_settings_as_env_and_tls_from_secrets_manager(gat
     assert environment["PROCTOR_PG_LISTEN"] == "0.0.0.0:5432"
     assert environment["PROCTOR_ADMIN_LISTEN"] == "0.0.0.0:9090"
     secrets = {s["Name"]: s["ValueFrom"] for s in container["Secrets"]}
-    assert set(secrets) == {"PROCTOR_TLS_CERT_PEM", "PROCTOR_TLS_KEY_PEM"}
-    assert all(":secret:proctor/gateway-tls:" in arn for arn in secrets.values())
+    assert set(secrets) == {"PROCTOR_TLS_CERT_PEM", "PROCTOR_TLS_KEY_PEM", "PROCTOR_MASKING_HASH_KEY"}
+    assert ":secret:proctor/gateway-tls:" in json.dumps(secrets["PROCTOR_TLS_CERT_PEM"])
+    assert ":secret:proctor/masking-hash-key" in json.dumps(secrets["PROCTOR_MASKING_HASH_KEY"])
     assert container["StopTimeout"] == 120
     assert container["ReadonlyRootFilesystem"] is True
     assert {p["ContainerPort"] for p in container["PortMappings"]} == {5432, 9090}

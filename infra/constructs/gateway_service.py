@@ -49,6 +49,7 @@ class GatewayServiceProps:
     evidence_key: kms.IKey
     breakglass_key_arn: str
     tls_secret_name: str
+    masking_key_secret_name: str
     desired_count: int
     client_cidrs: Sequence[str]
     internet_facing: bool
@@ -196,6 +197,9 @@ class GatewayService(Construct):
         )
         log_group = logs.LogGroup(self, "Logs", retention=props.log_retention, removal_policy=RemovalPolicy.RETAIN)
         tls = secretsmanager.Secret.from_secret_name_v2(self, "TlsSecret", props.tls_secret_name)
+        # The tenant's keyed-hash masking key: one secret for every region, so hashes join across them.
+        masking_key = secretsmanager.Secret.from_secret_name_v2(self, "MaskingKeySecret",
+                                                                props.masking_key_secret_name)
         container = task_definition.add_container(
             CONTAINER_NAME,
             # Built from the repository's Dockerfile at deploy time; synth only fingerprints the directory.
@@ -221,6 +225,7 @@ class GatewayService(Construct):
             secrets={
                 "PROCTOR_TLS_CERT_PEM": ecs.Secret.from_secrets_manager(tls, field=TLS_CERT_FIELD),
                 "PROCTOR_TLS_KEY_PEM": ecs.Secret.from_secrets_manager(tls, field=TLS_KEY_FIELD),
+                "PROCTOR_MASKING_HASH_KEY": ecs.Secret.from_secrets_manager(masking_key),
             },
             port_mappings=[
                 ecs.PortMapping(container_port=POSTGRES_PORT, name="postgres"),
@@ -238,7 +243,7 @@ class GatewayService(Construct):
             task_definition,
             "AwsSolutions-ECS2",
             "The environment holds only non-secret settings (API URL, bucket names, listen addresses); "
-            "the TLS certificate and key come from Secrets Manager as ECS secrets.",
+            "the TLS certificate and key and the masking hash key come from Secrets Manager as ECS secrets.",
         )
         execution_role = task_definition.obtain_execution_role()
         acknowledge(

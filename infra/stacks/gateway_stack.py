@@ -42,6 +42,7 @@ class GatewayStack(Stack):
                 evidence_key=evidence.evidence_key_for(self),
                 breakglass_key_arn=evidence.breakglass_key_arn_for(self),
                 tls_secret_name=settings.tls_secret_name,
+                masking_key_secret_name=settings.masking_key_secret_name,
                 desired_count=settings.gateway_desired_count,
                 client_cidrs=settings.client_cidrs or (self._vpc_cidr(settings, vpc),),
                 internet_facing=settings.gateway_internet_facing,
