@@ -266,3 +266,9 @@ def test_the_recording_holds_only_masked_values_and_reprocess_opens_the_sealed_o
     assert "names           | public.customers.name | redact | rows | 2" in result.stdout
     assert "emails-detected | detector:email        | redact | rows | 2" in result.stdout
     assert "Ada" not in result.stdout and "ada@" not in result.stdout  # counts, never values
+
+
+def test_catalog_queries_of_psql_work_under_masking(stack: Stack, engineer: dict[str, Any]) -> None:
+    out = psql_through(stack, engineer, "\\dt", "\\d customers")
+    assert out.returncode == 0, out.stderr
+    assert "customers" in out.stdout and "card_number" in out.stdout

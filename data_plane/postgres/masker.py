@@ -27,6 +27,7 @@ from data_plane.postgres.classify import Unparsable, classify
 from data_plane.postgres.value_masking import JSON_TYPES, JSONB, TEXT_TYPES, ValueMasker, codec_for
 
 KEEP, COLUMN, SCAN, STRICT = 0, 1, 2, 3
+FIRST_NORMAL_OID = 16384  # PostgreSQL's FirstNormalObjectId: below it, objects of initdb
 _INT16 = struct.Struct("!h")
 _INT32 = struct.Struct("!i")
 STRICT_METHOD = MaskMethod()  # strict mode masks whole values: redaction, or NULL where text is invalid
@@ -152,7 +153,9 @@ class ResultMasker:
         if msg_type == 0x54:
             oids = {f.table_oid for f in m.parse_row_description(body) if f.table_oid}
             snapshot = self.snapshot
-            missing = sorted(o for o in oids if (snapshot is None or not snapshot.knows(o)) and o not in self._tried)
+            # System catalogs (OIDs below FirstNormalObjectId) are not in the snapshot: no refresh for them.
+            missing = sorted(o for o in oids if o >= FIRST_NORMAL_OID and o not in self._tried
+                             and (snapshot is None or not snapshot.knows(o)))
             if snapshot is None or missing:
                 return "catalog", missing
         elif msg_type == 0x48:
