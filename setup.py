@@ -7,6 +7,9 @@ setup(
         # optional: a failed compile (no gcc in the image) falls back to the pure-Python scanner
         Extension("data_plane.postgres._framescan", ["data_plane/postgres/_framescan.c"], optional=True),
         Extension("data_plane.postgres._sqlshape", ["data_plane/postgres/_sqlshape.c"], optional=True),
-        Extension("data_plane.postgres._rowmask", ["data_plane/postgres/_rowmask.c"], optional=True),
+        Extension("data_plane.postgres._rowmask", ["data_plane/postgres/_rowmask.c"],
+                  depends=["data_plane/_sha256.h"], optional=True),
+        Extension("data_plane.core._recording", ["data_plane/core/_recording.c"],
+                  depends=["data_plane/_sha256.h"], optional=True),
     ]
 )

@@ -9,14 +9,21 @@ from __future__ import annotations
 import gzip
 import hashlib
 import json
+import struct
 import time
 import uuid
+import zlib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
 import jwt
+
+try:  # the gateway (its shipper) has orjson, several times faster; the control plane's Lambda layer does not
+    import orjson
+except ImportError:  # pragma: no cover - exercised where orjson is absent
+    orjson = None  # type: ignore[assignment]
 
 PRODUCT_NAME = "Proctor"
 PRODUCT_VERSION = "0.1.0"
@@ -291,9 +298,11 @@ class EventTemplate:
         template._base.update({k: v for k, v in doc["base"].items() if k in _COLUMN_SET})
         return template
 
-    def compact(self, activity: str, *, status: str = STATUS_SUCCESS, now: float | None = None,
+    @staticmethod
+    def compact(activity: str, *, status: str = STATUS_SUCCESS, now: float | None = None,
                 details: Mapping[str, Any] | None = None, **fields: Any) -> dict[str, Any]:
-        """Only what varies per event; `expand` turns it into the full row."""
+        """Only what varies per event; `expand` turns it into the full row (the compact row does not
+        depend on the template, so a session need not keep its template to build one)."""
         _check_fields(fields)
         fields["activity_name"] = activity
         fields["status"] = status
@@ -347,9 +356,18 @@ def evidence_event(
         activity, status=status, now=now, details=details, **fields)
 
 
+_DAY_MS = 86_400_000
+_dates: dict[int, str] = {}  # day number -> "YYYY-MM-DD": a batch of events spans a day or two
+
+
 def event_partition(row: Mapping[str, Any]) -> tuple[str, str]:
     """(dt, region) partition of an event row."""
-    dt = datetime.fromtimestamp(int(row["time"]) / 1000, UTC).strftime("%Y-%m-%d")
+    day = int(row["time"]) // _DAY_MS
+    dt = _dates.get(day)
+    if dt is None:
+        if len(_dates) > 1024:
+            _dates.clear()
+        dt = _dates[day] = datetime.fromtimestamp(day * (_DAY_MS // 1000), UTC).strftime("%Y-%m-%d")
     return dt, str(row.get("gateway_region") or "global")
 
 
@@ -357,23 +375,69 @@ def event_object_key(dt: str, region: str, batch_id: str, prefix: str = EVENTS_P
     return f"{prefix}/dt={dt}/region={region}/{batch_id}.jsonl.gz"
 
 
+if orjson is not None:
+    # What json.dumps(default=str) would write as str() goes to default=str here too.
+    _ORJSON_OPTIONS = (orjson.OPT_SORT_KEYS | orjson.OPT_APPEND_NEWLINE | orjson.OPT_NON_STR_KEYS
+                       | orjson.OPT_PASSTHROUGH_DATETIME | orjson.OPT_PASSTHROUGH_DATACLASS)
+
+
+def jsonl_line(row: Mapping[str, Any]) -> bytes:
+    """One row as a JSON line, keys sorted: orjson where it is installed, json elsewhere; the
+    same JSON values either way."""
+    if orjson is not None:
+        try:
+            return orjson.dumps(row, default=str, option=_ORJSON_OPTIONS)
+        except TypeError:  # what orjson refuses (integers beyond 64 bits, lone surrogates): json's way
+            pass
+    return (json.dumps(row, sort_keys=True, default=str, separators=(",", ":")) + "\n").encode()
+
+
+class GzipLines:
+    """A gzip member written as lines arrive, so what waits to be uploaded is compressed bytes,
+    never the rows. mtime 0 keeps the bytes a pure function of the lines (digests reproducible);
+    level 6 compresses JSON lines as well as 9 does, in half the time."""
+
+    LEVEL = 6
+
+    def __init__(self) -> None:
+        self._compress = zlib.compressobj(self.LEVEL, zlib.DEFLATED, -zlib.MAX_WBITS)
+        # magic, deflate, no flags, mtime 0, no extra flags (level 6), OS unknown: as gzip.compress writes it
+        self._out = [b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x00\xff"]
+        self._pending: list[bytes] = []
+        self._pending_size = 0
+        self._crc = 0
+        self._size = 0
+
+    def add(self, line: bytes) -> None:
+        self._pending.append(line)
+        self._pending_size += len(line)
+        if self._pending_size >= 1 << 16:
+            self._flush()
+
+    def _flush(self) -> None:
+        data = b"".join(self._pending)
+        self._pending.clear()
+        self._pending_size = 0
+        self._crc = zlib.crc32(data, self._crc)
+        self._size += len(data)
+        self._out.append(self._compress.compress(data))
+
+    def finish(self) -> bytes:
+        self._flush()
+        self._out.append(self._compress.flush())
+        self._out.append(struct.pack("<II", self._crc, self._size & 0xFFFFFFFF))
+        return b"".join(self._out)
+
+
 def encode_jsonl_gz(rows: Iterable[Mapping[str, Any]]) -> bytes:
-    body = "".join(json.dumps(r, sort_keys=True, default=str, separators=(",", ":")) + "\n" for r in rows)
-    # mtime=0 keeps the bytes a pure function of the rows (digests stay reproducible).
-    return gzip.compress(body.encode(), mtime=0)
+    lines = GzipLines()
+    for row in rows:
+        lines.add(jsonl_line(row))
+    return lines.finish()
 
 
 def decode_jsonl_gz(data: bytes) -> list[dict[str, Any]]:
     return [json.loads(line) for line in gzip.decompress(data).decode().splitlines() if line]
-
-
-def group_by_partition(
-    rows: Iterable[Mapping[str, Any]],
-) -> dict[tuple[str, str], list[Mapping[str, Any]]]:
-    groups: dict[tuple[str, str], list[Mapping[str, Any]]] = {}
-    for row in rows:
-        groups.setdefault(event_partition(row), []).append(row)
-    return groups
 
 
 def new_batch_id(now: float | None = None) -> str:
@@ -464,14 +528,44 @@ def put_evidence_object(s3: Any, bucket: str, key: str, body: bytes) -> None:
                   ContentType="application/x-ndjson", ContentEncoding="gzip")
 
 
+class EventBatch:
+    """Audit events on their way to the evidence bucket: one gzip JSON-lines object per (date,
+    region) partition, each row encoded and compressed as it is added (a big batch holds compressed
+    bytes, not rows)."""
+
+    def __init__(self) -> None:
+        self._parts: dict[tuple[str, str], GzipLines] = {}
+        self.rows = 0
+        self.first_time: int | None = None  # the earliest row's time (ms)
+
+    def add(self, row: Mapping[str, Any]) -> None:
+        partition = event_partition(row)
+        part = self._parts.get(partition)
+        if part is None:
+            part = self._parts[partition] = GzipLines()
+        part.add(jsonl_line(row))
+        when = int(row["time"])
+        self.first_time = when if self.first_time is None else min(self.first_time, when)
+        self.rows += 1
+
+    @property
+    def partitions(self) -> list[tuple[str, str]]:
+        return sorted(self._parts)
+
+    def write(self, s3: Any, bucket: str, batch_id: str) -> list[str]:
+        keys = []
+        for dt, region in self.partitions:
+            key = event_object_key(dt, region, batch_id)
+            put_evidence_object(s3, bucket, key, self._parts[(dt, region)].finish())
+            keys.append(key)
+        return keys
+
+
 def write_event_batch(s3: Any, bucket: str, rows: Iterable[Mapping[str, Any]],
                       *, batch_id: str | None = None) -> list[str]:
     """The one writer of audit events: one gzip JSON-lines object per (date, region) partition.
     `s3` is a boto3 S3 client (duck-typed here so this module stays free of AWS imports)."""
-    keys = []
-    batch_id = batch_id or new_batch_id()
-    for (dt, region), part in sorted(group_by_partition(rows).items()):
-        key = event_object_key(dt, region, batch_id)
-        put_evidence_object(s3, bucket, key, encode_jsonl_gz(part))
-        keys.append(key)
-    return keys
+    batch = EventBatch()
+    for row in rows:
+        batch.add(row)
+    return batch.write(s3, bucket, batch_id or new_batch_id())

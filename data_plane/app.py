@@ -24,6 +24,7 @@ from data_plane.core.grants import GrantAuthority
 from data_plane.core.registry import SessionRegistry
 from data_plane.core.sealed import BreakGlassKey
 from data_plane.core.spool import Spool, read_json
+from data_plane.core.stream import Stream
 from data_plane.postgres.session import PostgresSession
 
 log = logging.getLogger("proctor.gateway")
@@ -64,14 +65,13 @@ class Gateway:
             return False, "listeners not started"
         return True, "ready"
 
-    async def handle_postgres(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        self.session_tasks.add(task)
-        try:
-            await PostgresSession(self.ctx, reader, writer).run()
-        finally:
-            self.session_tasks.discard(task)
+    def accept_postgres(self) -> Stream:
+        return Stream(on_connected=self.start_postgres_session)
+
+    def start_postgres_session(self, stream: Stream) -> None:
+        task = asyncio.get_running_loop().create_task(PostgresSession(self.ctx, stream).run())
+        self.session_tasks.add(task)  # also what keeps the task alive
+        task.add_done_callback(self.session_tasks.discard)
 
     async def load_keys(self) -> None:
         while not self.keys_loaded:
@@ -86,8 +86,8 @@ class Gateway:
         await self.load_keys()
         self.start_shipper()
         host, port = self.config.pg_address
-        self.servers.append(await asyncio.start_server(self.handle_postgres, host, port, backlog=1024,
-                                                       reuse_address=True))
+        self.servers.append(await asyncio.get_running_loop().create_server(
+            self.accept_postgres, host, port, backlog=1024, reuse_address=True))
         admin_host, admin_port = self.config.admin_address
         self.admin = await start_admin_server(admin_host, admin_port, self.ready)
         self.background += [

@@ -29,6 +29,7 @@ from control_plane.contract import (
     CLASS_DATASTORE_ACTIVITY,
     SESSION_COLUMNS,
     STATUS_FAILURE,
+    EventBatch,
     EventTemplate,
     encode_jsonl_gz,
     evidence_event,
@@ -36,7 +37,6 @@ from control_plane.contract import (
     recording_chunk_key,
     session_event_id,
     session_index_key,
-    write_event_batch,
 )
 from data_plane.core.recording import complete_prefix, first_record_size, genesis
 from data_plane.core.spool import read_json, write_json_atomic
@@ -74,13 +74,15 @@ class Shipper:
         """Ship what is ready; `flush` ships everything spooled. Returns objects written.
 
         Events of every session go out together, one object per partition and round, so a busy
-        gateway costs a few PUTs a round rather than one per session."""
+        gateway costs a few PUTs a round rather than one per session; rows are compressed as they
+        are read, so a round holds compressed bytes rather than every row it ships."""
         sessions = self.root / "sessions"
         if not sessions.exists():
             return 0
         instance = self.current_instance()
         written = 0
-        batch: list[tuple[Path, dict[str, Any], int, list[dict[str, Any]]]] = []
+        events = EventBatch()
+        batch: list[tuple[Path, dict[str, Any], int, int]] = []  # (directory, progress, bytes read, rows)
         states: list[tuple[Path, dict[str, Any], dict[str, Any], bool]] = []
         for directory in sorted(sessions.iterdir()):
             try:
@@ -90,21 +92,21 @@ class Shipper:
                 meta, progress, closed = state
                 due = closed or flush or time.time() - float(progress["shipped_at"]) >= self.max_delay
                 written += self._ship_recording(directory, meta, progress, due)
-                end, rows = self._read_events(directory, meta["session_id"], progress)
-                if rows or end:
-                    batch.append((directory, progress, end, rows))
+                end, count = self._read_events(directory, meta["session_id"], progress, events)
+                if count or end:
+                    batch.append((directory, progress, end, count))
                 states.append((directory, meta, progress, closed))
             except Exception:
                 log.exception("shipping %s failed; will retry", directory.name)
-        rows = [row for *_, part in batch for row in part]
-        if rows:
+        if events.rows:
             # Named by where each session's slice starts: a retry after a lost progress write lands on
             # the same keys instead of adding copies.
-            starts = "|".join(f"{d.name}:{p['events_offset']}" for d, p, _, part in batch if part)
-            first = datetime.fromtimestamp(min(row["time"] for row in rows) / 1000, UTC)
+            starts = "|".join(f"{d.name}:{p['events_offset']}" for d, p, _, count in batch if count)
+            assert events.first_time is not None
+            first = datetime.fromtimestamp(events.first_time / 1000, UTC)
             batch_id = f"{first:%Y%m%dT%H%M%S%f}Z-" + hashlib.blake2b(starts.encode(), digest_size=6).hexdigest()
-            write_event_batch(self.s3, self.evidence_bucket, rows, batch_id=batch_id)
-            written += len({(row["time"] // 86_400_000, row.get("gateway_region")) for row in rows})
+            events.write(self.s3, self.evidence_bucket, batch_id)
+            written += len(events.partitions)
         for directory, progress, end, _ in batch:
             progress.update(events_offset=int(progress["events_offset"]) + end, shipped_at=time.time())
             write_json_atomic(directory / "shipped.json", progress)
@@ -171,24 +173,25 @@ class Shipper:
             written += 1
 
     def _read_events(self, directory: Path, session_id: str, progress: dict[str, Any],
-                     ) -> tuple[int, list[dict[str, Any]]]:
-        """(bytes consumed, full rows) of the complete event lines not shipped yet."""
+                     events: EventBatch) -> tuple[int, int]:
+        """Adds the complete event lines not shipped yet to `events`, expanded; returns (bytes
+        consumed, rows added). Nothing is added if any of them cannot be (a missing template)."""
         path = directory / "events.jsonl"
         try:
             size = path.stat().st_size
         except FileNotFoundError:
-            return 0, []
+            return 0, 0
         offset = int(progress["events_offset"])
         if size <= offset:
-            return 0, []
+            return 0, 0
         with open(path, "rb") as fh:
             fh.seek(offset)
             data = fh.read(size - offset)
         end = data.rfind(b"\n") + 1
         if end == 0:
-            return 0, []
+            return 0, 0
         templates: dict[int, EventTemplate] = {}
-        rows = []
+        rows: list[tuple[EventTemplate | None, dict[str, Any]]] = []  # compact rows (small) and their template
         for line in data[:end].splitlines():
             try:
                 row = orjson.loads(line)
@@ -196,16 +199,20 @@ class Shipper:
                 # A line torn by a crash cannot be shipped; keep its bytes out of the way of the rest.
                 log.error("skipping an unreadable event line in %s (%d bytes)", session_id, len(line))
                 continue
-            if "class_uid" not in row:  # a compact row: expand it with the session's template
+            template = None
+            if "class_uid" not in row:  # a compact row: expanded with the session's template below
                 version = int(row.pop("tv"))
-                if version not in templates:
+                template = templates.get(version)
+                if template is None:
                     doc = read_json(directory / f"template-{version}.json")
                     if doc is None:
                         raise FileNotFoundError(f"{session_id}: event template {version} missing")
-                    templates[version] = EventTemplate.from_doc(doc)
-                row = templates[version].expand(row, session_event_id(session_id, int(row["seq"])))
-            rows.append(row)
-        return end, rows
+                    template = templates[version] = EventTemplate.from_doc(doc)
+            rows.append((template, row))
+        for template, row in rows:  # each full row lives only until it is compressed
+            events.add(row if template is None else template.expand(row, session_event_id(session_id,
+                                                                                          int(row["seq"]))))
+        return end, len(rows)
 
     def _note_torn_tails(self, directory: Path, progress: dict[str, Any]) -> None:
         """A closed session's files may end in a partial record or line (disk full, machine crash):

@@ -116,10 +116,14 @@ async def test_denied_statement_is_answered_42501_with_the_approver_and_comment(
     approvals = Approvals({"status": "denied", "decisions": [{"approver": "ann", "decision": "deny",
                                                               "comment": "not during the freeze"}]})
     relay, client, server, completed = relay_with(tmp_path, approvals)
+    # The evidence row as it is written: when the statement completes, before its answer is relayed.
+    rows: list[dict] = []
+    relay.tracker.on_complete = lambda st: (completed.append(st), rows.append(relay.session.info.statement_event(st)))
     relay.from_client(m.query("DELETE FROM orders WHERE id = 7"))
     await settle(relay)
     assert [m.parse_query(b) for _, b in server.frames()] == [REFUSED_TEXT]
-    # The backend refuses the placeholder; the client hears the decision instead.
+    # The backend refuses the placeholder; the client hears the decision instead (error and
+    # ReadyForQuery in one read: the rewrite comes before the statement completes).
     relay.from_server(m.error_response("42601", "syntax error at or near \"PROCTOR_BLOCKED_STATEMENT\"")
                       + m.ready_for_query())
     error = next(b for k, b in client.frames() if k == b"E")
@@ -127,6 +131,9 @@ async def test_denied_statement_is_answered_42501_with_the_approver_and_comment(
     assert (fields["C"], fields["M"]) == ("42501", "denied by ann: not during the freeze")
     [statement] = completed
     assert statement.verdict.approval_id == "ap1" and statement.sqlstate == "42501"
+    [row] = rows
+    assert (row["activity_name"], row["sqlstate"], row["status_detail"]) == (
+        "block", "42501", "denied by ann: not during the freeze")
 
 
 async def test_approved_statement_is_recorded_with_its_approval(tmp_path: Path) -> None:

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import time
+from types import SimpleNamespace
 from typing import Any
 
 import boto3
@@ -15,6 +16,7 @@ from moto import mock_aws
 
 from control_plane.contract import GrantClaims, GrantInvalid, GrantKeySet, Identity, verify_grant
 from control_plane.signing import KMS_RAW_MESSAGE_LIMIT, GrantSigner
+from data_plane.core.grants import GrantAuthority
 
 
 def _claims(rules: int = 0, **overrides: Any) -> GrantClaims:
@@ -84,3 +86,18 @@ def test_grant_from_another_key_or_expired_is_refused() -> None:
         verify_grant(signer.sign(_claims(issued_at=now - 900, expires_at=now - 300).to_jwt_claims()), keys)
     with pytest.raises(GrantInvalid, match="not a valid JWT"):
         verify_grant("garbage", keys)
+
+
+async def test_sessions_presenting_the_same_grant_share_one_verified_copy_and_each_is_still_checked() -> None:
+    signer = GrantSigner(DigestHonouringKms(), "key")
+    authority = GrantAuthority(SimpleNamespace())  # type: ignore[arg-type]
+    authority.keys = GrantKeySet(signer.jwks())
+    token = signer.sign(_claims(rules=3).to_jwt_claims())
+    first = await authority.verify(token)
+    again = await authority.verify("".join(token))  # an equal token read from another connection
+    assert again is first and first.claims.grant_id == "gtest" and first.token == token
+    other = await authority.verify(signer.sign(_claims(grant_id="gother").to_jwt_claims()))
+    assert other is not first and other.claims.grant_id == "gother"
+    authority.revoked.add("gtest")  # sharing never skips a check: the next session is refused
+    with pytest.raises(GrantInvalid, match="revoked"):
+        await authority.verify(token)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import struct
+from collections.abc import Callable
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -427,3 +428,43 @@ _DECODERS = {
 def test_decoders_raise_only_protocol_violation_on_arbitrary_bytes(decoder: str, data: bytes) -> None:
     with contextlib.suppress(ProtocolViolation):
         _DECODERS[decoder](data)
+
+
+# The decoders every Execute of a prepared statement runs take a path without a Reader; whatever
+# the bytes, they answer exactly as the Reader-based decoding does (the same value or the same error).
+def _outcome(decode: Callable[[bytes], object], body: bytes) -> tuple[str, object]:
+    try:
+        return "value", decode(body)
+    except ProtocolViolation as exc:
+        return "error", str(exc)
+
+
+def _bind_like(data: st.DataObject) -> bytes:
+    params = data.draw(st.lists(st.one_of(st.none(), st.binary(max_size=6)), max_size=4))
+    formats = data.draw(st.lists(st.sampled_from([0, 1, -1]), max_size=5))
+    body = bind_body(data.draw(st.sampled_from(["", "p1", "é"])), data.draw(st.sampled_from(["", "s1"])), formats,
+                     params, data.draw(st.lists(st.sampled_from([0, 1]), max_size=3)))
+    if data.draw(st.booleans()):  # then damage it: a cut, or a byte changed
+        cut = data.draw(st.integers(0, len(body)))
+        changed = bytes([data.draw(st.integers(0, 255))])
+        body = body[:cut] if data.draw(st.booleans()) else body[:cut] + changed + body[cut + 1:]
+    return body
+
+
+@settings(max_examples=500, deadline=None)
+@given(data=st.data())
+def test_bind_execute_and_describe_fast_paths_decode_as_the_reader_does(data: st.DataObject) -> None:
+    body = _bind_like(data) if data.draw(st.booleans()) else data.draw(st.binary(max_size=40))
+    assert _outcome(m.parse_bind, body) == _outcome(m._parse_bind, body)
+    assert _outcome(m.parse_execute, body) == _outcome(_reader_execute, body)
+    assert _outcome(m.parse_close_or_describe, body) == _outcome(_reader_close_or_describe, body)
+
+
+def _reader_execute(body: bytes) -> tuple[str, int]:
+    reader = m.Reader(body)
+    return reader.cstring(), reader.int32()
+
+
+def _reader_close_or_describe(body: bytes) -> tuple[str, str]:
+    reader = m.Reader(body)
+    return chr(reader.byte()), reader.cstring()

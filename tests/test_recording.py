@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import stat
 import time
 from pathlib import Path
@@ -193,3 +194,45 @@ def test_reopening_a_recording_restarts_the_chain_and_is_detected(tmp_path: Path
     write_recording(path, RECORDS[2:])
     with pytest.raises(ChainBroken):
         list(read_records(path.read_bytes(), genesis(SESSION)))
+
+
+@pytest.mark.skipif(not rec.ACCELERATED, reason="the C accelerator was not compiled")
+@pytest.mark.parametrize("sha_extensions", [False, True])  # the portable compression and, where present, SHA-NI
+def test_the_c_append_writes_the_same_bytes_and_hash_as_the_python_one(tmp_path: Path,
+                                                                        sha_extensions: bool) -> None:
+    # Sizes around SHA-256's 64-byte blocks (the 22-byte header and 32-byte link shift them), and big ones.
+    payloads: list[bytes | bytearray | memoryview] = [bytes(range(256))[:n] for n in (0, 1, 9, 10, 11, 55, 63, 64, 65,
+                                                                                       73, 74, 75, 127, 128, 129)]
+    payloads += [b"Q\x00\x00\x00\rSELECT 1\x00", bytes(range(256)) * 300, bytearray(b"x" * 55),
+                 memoryview(b"y" * 64), os.urandom(1 << 18)]
+    files = {name: tmp_path / name for name in ("c.bin", "py.bin")}
+    fds = {name: os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600) for name, path in files.items()}
+    assert rec._recording is not None
+    rec._recording._set_sha_path(sha_extensions)
+    try:
+        prev = {name: genesis(SESSION) for name in files}
+        for seq, payload in enumerate(payloads):
+            now = time.time()
+            prev["c.bin"] = rec._recording.append(fds["c.bin"], prev["c.bin"], seq, now, rec.FROM_SERVER, rec.WIRE,
+                                                  payload)
+            prev["py.bin"] = rec._append_py(fds["py.bin"], prev["py.bin"], seq, now, rec.FROM_SERVER, rec.WIRE,
+                                            payload)
+            assert prev["c.bin"] == prev["py.bin"]
+    finally:
+        rec._recording._set_sha_path(True)
+        for fd in fds.values():
+            os.close(fd)
+    data = files["c.bin"].read_bytes()
+    assert data == files["py.bin"].read_bytes()
+    assert [r.payload for r in read_records(data, genesis(SESSION))] == [bytes(p) for p in payloads]
+
+
+@pytest.mark.skipif(not rec.ACCELERATED, reason="the C accelerator was not compiled")
+def test_the_c_append_reports_a_failed_write_as_oserror(tmp_path: Path) -> None:
+    fd = os.open(tmp_path / "r.bin", os.O_RDONLY | os.O_CREAT, 0o600)
+    try:
+        assert rec._recording is not None
+        with pytest.raises(OSError):
+            rec._recording.append(fd, genesis(SESSION), 0, time.time(), rec.FROM_CLIENT, rec.WIRE, b"x")
+    finally:
+        os.close(fd)

@@ -4,7 +4,10 @@ of a connection string is replaced, and statements without one are left exactly 
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
+from data_plane.core import redact as redact_mod
 from data_plane.core.redact import REDACTED, might_hold_secret, redact_statement
 
 SECRET = "Tr0ub4dor&3"
@@ -92,3 +95,23 @@ def test_might_hold_secret_finds_the_word_in_raw_bytes(raw: bytes) -> None:
 @pytest.mark.parametrize("raw", [b"SELECT 1", b"", b"pass word", b"\xff\xfe\x00passwd"])
 def test_might_hold_secret_is_false_without_the_word(raw: bytes) -> None:
     assert not might_hold_secret(raw)
+
+
+# The cheap pre-check (two substring searches on ASCII text) must decline exactly what the
+# case-insensitive pattern declines; non-ASCII text always goes to the regex (Unicode case folding).
+_HINTY = st.text(alphabet=st.sampled_from([*"pPaAsSwWoOrRdD:/@ '\t\nxé", "\u017f"]), max_size=30)
+
+
+@settings(max_examples=400, deadline=None)
+@given(prefix=_HINTY, middle=st.sampled_from(["", "password", "PassWord", "://u:p@h", "x://a:b@", ":/", "passwor"]),
+       suffix=_HINTY)
+def test_the_cheap_hint_check_agrees_with_the_pattern(prefix: str, middle: str, suffix: str) -> None:
+    text = prefix + middle + suffix
+    hinted = redact_mod._HINT_TEXT.search(text) is not None
+    if not hinted:
+        assert redact_statement(text) == text
+    raw = text.encode()
+    assert might_hold_secret(raw) == (redact_mod._HINT.search(raw) is not None)
+    if text.isascii() and redact_mod._no_hint(text):  # it may say "maybe" where the pattern says no, never the reverse
+        assert not hinted
+

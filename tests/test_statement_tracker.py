@@ -10,11 +10,14 @@ import time
 from collections.abc import Sequence
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from data_plane.core.session import Statement
 from data_plane.postgres import messages as m
+from data_plane.postgres.framescan import scan_frames
 from data_plane.postgres.messages import ProtocolViolation
-from data_plane.postgres.tracker import MAX_PARAMETER_CHARS, StatementTracker
+from data_plane.postgres.tracker import MAX_PARAMETER_CHARS, SERVER_DECODED, StatementTracker
 
 # ------------------------------------------------------------------------------------------------
 # message builders the codec has no use for (the gateway never sends them itself)
@@ -484,3 +487,70 @@ def test_password_in_a_failed_parse_is_redacted_in_the_statement_text() -> None:
     [statement] = wire.completed
     assert statement.kind == "parse"
     assert "hunter2-secret" not in statement.text
+
+
+# ------------------------------------------------------------------------------------------------
+# the relay's fast path: one call per read does what the per-message calls do
+# ------------------------------------------------------------------------------------------------
+
+_SERVER_FRAMES = [ROW_DESCRIPTION, row(b"1"), row(None), complete("SELECT 2"), complete("INSERT 0 3"),
+                  m.error_response("42P01", "no such table"), ready(), ready(b"T"), EMPTY_QUERY, PORTAL_SUSPENDED,
+                  PARSE_COMPLETE, BIND_COMPLETE, NO_DATA, m.frame(b"t", struct.pack("!hI", 1, 23)),
+                  m.parameter_status("TimeZone", "UTC"), m.frame(b"d", b"copied\n")]
+_CLIENT_GROUPS = [(m.query("SELECT 1; SELECT 2"),),
+                  (parse_msg("SELECT $1", name="s1"), describe_msg("S", "s1"), bind_msg([b"7"], statement="s1"),
+                   execute_msg(), bind_msg([b"8"], statement="s1"), execute_msg(), SYNC),
+                  (m.query("COPY t TO STDOUT"),)]
+
+
+def _as_dict(statement: Statement) -> tuple[object, ...]:
+    return (statement.text, statement.parameters, statement.command_tag, statement.rows, statement.bytes,
+            statement.sqlstate, statement.error, statement.skipped, statement.finished_mono is not None)
+
+
+def _per_message(tracker: StatementTracker, chunk: bytes, events: Sequence[tuple[int, int, int, int]], end: int,
+                 trailing: int, now: float) -> None:
+    """How the relay fed one read before server_frames existed: rows, server_bytes and server_message."""
+    pos = rows = 0
+    for msg_type, offset, size, skipped in events:
+        rows += skipped
+        if msg_type in SERVER_DECODED:
+            if rows:
+                tracker.rows(rows)
+                rows = 0
+            tracker.server_bytes(offset + size - pos)
+            pos = offset + size
+            tracker.server_message(msg_type, chunk[offset + 5:offset + size], now)
+    rows += trailing
+    if rows:
+        tracker.rows(rows)
+    if end > pos:
+        tracker.server_bytes(end - pos)
+
+
+@settings(max_examples=300, deadline=None)
+@given(groups=st.lists(st.sampled_from(range(len(_CLIENT_GROUPS))), min_size=1, max_size=3),
+       frames=st.lists(st.sampled_from(range(len(_SERVER_FRAMES))), max_size=14),
+       cuts=st.lists(st.integers(0, 200), max_size=3))
+def test_server_frames_keeps_the_books_as_the_per_message_calls_do(groups: list[int], frames: list[int],
+                                                                    cuts: list[int]) -> None:
+    per_message, fused = Wire(), Wire()
+    for wire in (per_message, fused):
+        for index in groups:
+            wire.client(*_CLIENT_GROUPS[index])
+    stream = b"".join(_SERVER_FRAMES[i] for i in frames)
+    noted: list[int] = []
+    # Whatever each read brings: whole frames are handled, the rest carried to the next read.
+    tail, previous = b"", 0
+    for cut in sorted({min(c, len(stream)) for c in cuts} | {len(stream)}):
+        buf = tail + stream[previous:cut]
+        previous = cut
+        end, events, trailing = scan_frames(buf, 0, b"Dd", 1 << 20)
+        _per_message(per_message.tracker, buf[:end], events, end, trailing, per_message.t0)
+        fused.tracker.server_frames(buf[:end], events, end, trailing, fused.t0,
+                                    lambda msg_type, *_: noted.append(msg_type))
+        tail = buf[end:]
+    assert [_as_dict(s) for s in fused.completed] == [_as_dict(s) for s in per_message.completed]
+    assert [_as_dict(s) for g in fused.tracker.groups for s in g.statements] == [
+        _as_dict(s) for g in per_message.tracker.groups for s in g.statements]
+    assert noted == [f[0] for f in (_SERVER_FRAMES[i] for i in frames) if f[:1] in (b"E", b"S")]

@@ -6,12 +6,24 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import weakref
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from control_plane.contract import GrantClaims, GrantInvalid, GrantKeySet, UnknownGrantKey, verify_grant
 from data_plane.core.control_plane_client import ControlPlaneClient, ControlPlaneError
 
 log = logging.getLogger("proctor.gateway.grants")
+
+
+@dataclass(frozen=True, slots=True, weakref_slot=True)
+class VerifiedGrant:
+    """A grant token and its verified claims. Every session verifies the token it is given, but
+    the sessions presenting the same token share one copy of it and of its claims (a pool of
+    connections on one grant would otherwise keep a copy of its rules per connection)."""
+
+    token: str
+    claims: GrantClaims
 
 
 class GrantAuthority:
@@ -27,6 +39,7 @@ class GrantAuthority:
         self._on_revoked: list[Callable[[str], None]] = []
         self._lock = asyncio.Lock()
         self.revocations_synced_at = 0.0
+        self._verified: weakref.WeakValueDictionary[str, VerifiedGrant] = weakref.WeakValueDictionary()
 
     async def refresh_keys(self, *, force: bool = False) -> bool:
         async with self._lock:
@@ -37,7 +50,7 @@ class GrantAuthority:
             self._keys_fetched_at = time.monotonic()
             return True
 
-    async def verify(self, token: str) -> GrantClaims:
+    async def verify(self, token: str) -> VerifiedGrant:
         try:
             claims = verify_grant(token, self.keys)
         except UnknownGrantKey:
@@ -51,7 +64,10 @@ class GrantAuthority:
             claims = verify_grant(token, self.keys)
         if claims.grant_id in self.revoked:
             raise GrantInvalid("grant revoked")
-        return claims
+        shared = self._verified.get(token)
+        if shared is None or shared.claims != claims:
+            shared = self._verified[token] = VerifiedGrant(token, claims)
+        return shared
 
     def on_revoked(self, callback: Callable[[str], None]) -> None:
         self._on_revoked.append(callback)

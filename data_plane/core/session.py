@@ -51,7 +51,7 @@ class Statement:
         return round((self.finished_mono - self.started_mono) * 1000, 3)
 
 
-@dataclass
+@dataclass(slots=True)
 class SessionInfo:
     session_id: str
     protocol: str
@@ -68,23 +68,22 @@ class SessionInfo:
     record_parameters: bool = True
     events: int = 0
     on_template: Callable[[int, dict[str, Any]], None] | None = field(default=None, repr=False)
-    _template: EventTemplate | None = field(default=None, repr=False)
+    # The template itself is written beside the events and not kept: rows only name its version.
     _template_for: GrantClaims | None = field(default=None, repr=False)
     _template_version: int = field(default=0, repr=False)
 
     def event(self, activity: str, *, status: str = STATUS_SUCCESS, details: dict[str, Any] | None = None,
               now: float | None = None, **fields: Any) -> dict[str, Any]:
         """A compact evidence row (what varies); the spool keeps the session's template beside it."""
-        template = self._template
-        if template is None or self._template_for is not self.grant:
-            template = self._build_template()
+        if self._template_version == 0 or self._template_for is not self.grant:
+            self._write_template()
         self.events += 1
-        row = template.compact(activity, status=status, details=details, now=now, seq=self.events, **fields)
+        row = EventTemplate.compact(activity, status=status, details=details, now=now, seq=self.events, **fields)
         row["tv"] = self._template_version
         return row
 
-    def _build_template(self) -> EventTemplate:
-        """The fields every event of this session repeats (built once the grant is known)."""
+    def _write_template(self) -> None:
+        """The fields every event of this session repeats (written once the grant is known)."""
         grant = self.grant
         base: dict[str, Any] = {
             "session_id": self.session_id,
@@ -96,35 +95,54 @@ class SessionInfo:
         if grant is not None:
             base.update(grant_id=grant.grant_id, target_name=grant.target, target_kind=grant.target_kind,
                         policy_name=grant.policy_name, policy_version=grant.policy_version)
-        self._template = EventTemplate(_CLASSES.get(self.protocol, CLASS_DATASTORE_ACTIVITY),
-                                       identity=grant.identity if grant else None, region=self.region, **base)
+        template = EventTemplate(_CLASSES.get(self.protocol, CLASS_DATASTORE_ACTIVITY),
+                                 identity=grant.identity if grant else None, region=self.region, **base)
         self._template_for = grant
         self._template_version += 1
         if self.on_template is not None:
-            self.on_template(self._template_version, self._template.to_doc())
-        return self._template
+            self.on_template(self._template_version, template.to_doc())
 
     def statement_event(self, statement: Statement) -> dict[str, Any]:
-        failed = statement.sqlstate is not None or statement.skipped or statement.error is not None
-        details: dict[str, Any] = {} if statement.kind == "query" else {"kind": statement.kind}
-        if statement.parameters is not None:
-            details["parameters"] = statement.parameters
-        if statement.skipped:
-            details["skipped"] = "not executed: an earlier statement in the pipeline failed"
-        if statement.error:
-            details["error"] = statement.error
+        """The compact row of a statement, built directly (the busiest event by far): the same row
+        `event` would build, with the fields that are None left to the template's None."""
+        if self._template_version == 0 or self._template_for is not self.grant:
+            self._write_template()
+        self.events += 1
         verdict = statement.verdict
+        error = statement.error
         stopped = verdict is not None and verdict.action in (BLOCK, REQUIRE_APPROVAL)
-        if verdict is not None and verdict.matched:
-            details["guardrail"] = {"action": verdict.action, "rules": list(verdict.matched)}
-        return self.event(
-            "block" if stopped else "query", status=STATUS_FAILURE if failed else STATUS_SUCCESS,
-            details=details or None, rule=verdict.rule if verdict is not None else None,
-            approval_id=verdict.approval_id if verdict is not None else None,
-            statement=statement.text, command_tag=statement.command_tag, rows=statement.rows,
-            bytes=statement.bytes, duration_ms=statement.duration_ms, sqlstate=statement.sqlstate,
-            status_detail=statement.error, now=statement.started,
-        )
+        failed = statement.sqlstate is not None or statement.skipped or error is not None
+        row: dict[str, Any] = {
+            "activity_name": "block" if stopped else "query", "status": STATUS_FAILURE if failed else STATUS_SUCCESS,
+            "time": int(statement.started * 1000), "statement": statement.text, "command_tag": statement.command_tag,
+            "rows": statement.rows, "bytes": statement.bytes, "duration_ms": statement.duration_ms,
+            "seq": self.events, "tv": self._template_version,
+        }
+        if failed:
+            if statement.sqlstate is not None:
+                row["sqlstate"] = statement.sqlstate
+            if error is not None:
+                row["status_detail"] = error
+        details: dict[str, Any] | None = None if statement.kind == "query" else {"kind": statement.kind}
+        if statement.parameters is not None:
+            details = details or {}
+            details["parameters"] = statement.parameters
+        if failed:
+            if statement.skipped:
+                details = details or {}
+                details["skipped"] = "not executed: an earlier statement in the pipeline failed"
+            if error:
+                details = details or {}
+                details["error"] = error
+        if verdict is not None:
+            row["rule"] = verdict.rule
+            row["approval_id"] = verdict.approval_id
+            if verdict.matched:
+                details = details or {}
+                details["guardrail"] = {"action": verdict.action, "rules": list(verdict.matched)}
+        if details:
+            row["details"] = details
+        return row
 
     def summary(self, ended_at: float) -> dict[str, Any]:
         grant = self.grant

@@ -69,12 +69,20 @@ def read_json(path: Path) -> dict[str, Any] | None:
 class SessionEvidence:
     """One session's spool: its recording and its audit events."""
 
+    __slots__ = ("_directory", "_events_fd", "closed", "recording", "session_id")
+
     def __init__(self, directory: Path, session_id: str, *, fsync_interval: float) -> None:
-        self.directory = directory
+        self._directory = str(directory)  # a str costs less than a Path for the life of the session
         self.session_id = session_id
-        self.recording = RecordingWriter(directory / "recording.bin", session_id, fsync_interval=fsync_interval)
-        self._events_fd = os.open(directory / "events.jsonl", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        self.recording = RecordingWriter(os.path.join(self._directory, "recording.bin"), session_id,
+                                         fsync_interval=fsync_interval)
+        self._events_fd = os.open(os.path.join(self._directory, "events.jsonl"),
+                                  os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         self.closed = False
+
+    @property
+    def directory(self) -> Path:
+        return Path(self._directory)
 
     def record(self, direction: int, payload: bytes | bytearray | memoryview, kind: int = WIRE) -> None:
         self.recording.append(direction, kind, payload)

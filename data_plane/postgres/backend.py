@@ -11,6 +11,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from data_plane.core.credentials import Credential
+from data_plane.core.stream import Stream
 from data_plane.postgres import messages as m
 from data_plane.postgres.auth import SCRAM_SHA_256, BackendAuthError, ScramClient, md5_password
 
@@ -43,8 +44,7 @@ class BackendUnavailable(Exception):
 
 @dataclass
 class BackendConnection:
-    reader: asyncio.StreamReader
-    writer: asyncio.StreamWriter
+    stream: Stream
     host: str
     port: int
     tls: bool
@@ -55,7 +55,7 @@ class BackendConnection:
     transaction_status: bytes = b"I"
 
 
-async def read_message(reader: asyncio.StreamReader, max_size: int) -> tuple[bytes, bytes]:
+async def read_message(reader: Stream, max_size: int) -> tuple[bytes, bytes]:
     header = await reader.readexactly(5)
     msg_type, length = _HEADER.unpack(header)
     if length < 4 or length > max_size:
@@ -76,10 +76,11 @@ def backend_tls_context(mode: str, ca_file: str | None) -> ssl.SSLContext:
 async def connect(credential: Credential, database: str | None, client_params: Mapping[str, str], *,
                   timeout: float = 10.0, max_message: int = 1 << 26, ca_file: str | None = None) -> BackendConnection:
     try:
-        reader, writer = await asyncio.wait_for(asyncio.open_connection(credential.host, credential.port), timeout)
+        _, stream = await asyncio.wait_for(
+            asyncio.get_running_loop().create_connection(Stream, credential.host, credential.port), timeout)
     except (OSError, TimeoutError) as exc:
         raise BackendUnavailable(f"cannot reach the target's database: {type(exc).__name__}") from exc
-    connection = BackendConnection(reader, writer, credential.host, credential.port, tls=False)
+    connection = BackendConnection(stream, credential.host, credential.port, tls=False)
     try:
         try:
             await asyncio.wait_for(_startup(connection, credential, database, client_params, max_message, ca_file),
@@ -89,7 +90,7 @@ async def connect(credential: Credential, database: str | None, client_params: M
         except (OSError, asyncio.IncompleteReadError) as exc:  # TLS handshake, reset, startup timeout
             raise BackendUnavailable(f"the target's database broke off the startup: {type(exc).__name__}") from exc
     except BaseException:
-        writer.close()
+        stream.close()
         raise
     return connection
 
@@ -97,22 +98,23 @@ async def connect(credential: Credential, database: str | None, client_params: M
 async def _startup(conn: BackendConnection, credential: Credential, database: str | None,
                    client_params: Mapping[str, str], max_message: int, ca_file: str | None) -> None:
     mode = credential.backend_tls
+    stream = conn.stream
     if mode != "disable":
-        conn.writer.write(m.ssl_request())
-        await conn.writer.drain()
-        answer = await conn.reader.readexactly(1)
+        stream.write(m.ssl_request())
+        await stream.drain()
+        answer = await stream.readexactly(1)
         if answer == b"S":
-            await conn.writer.start_tls(backend_tls_context(mode, ca_file), server_hostname=credential.host)
+            await stream.start_tls(backend_tls_context(mode, ca_file), server_hostname=credential.host)
             conn.tls = True
         elif mode in ("require", "verify-full"):
             raise BackendUnavailable("the target's database does not offer TLS")
     params = {k: v for k, v in client_params.items() if k in RELAYED_PARAMETERS}
     params.update(user=credential.username, database=database or credential.database or credential.username)
-    conn.writer.write(m.startup_message(params))
-    await conn.writer.drain()
+    stream.write(m.startup_message(params))
+    await stream.drain()
     scram: ScramClient | None = None
     while True:
-        msg_type, body = await read_message(conn.reader, max_message)
+        msg_type, body = await read_message(stream, max_message)
         if msg_type == b"R":
             code, data = m.parse_authentication(body)
             if code == m.AUTH_OK:
@@ -120,28 +122,28 @@ async def _startup(conn: BackendConnection, credential: Credential, database: st
             if code == m.AUTH_CLEARTEXT:
                 if not conn.tls and mode != "disable":
                     raise BackendAuthError("backend asks for a cleartext password without TLS")
-                conn.writer.write(m.password_message(credential.password))
+                stream.write(m.password_message(credential.password))
             elif code == m.AUTH_MD5:
-                conn.writer.write(m.password_message(md5_password(credential.username, credential.password, data)))
+                stream.write(m.password_message(md5_password(credential.username, credential.password, data)))
             elif code == m.AUTH_SASL:
                 mechanisms = [x.decode() for x in data.split(b"\x00") if x]
                 if SCRAM_SHA_256 not in mechanisms:
                     raise BackendAuthError(f"no supported SASL mechanism in {mechanisms}")
                 scram = ScramClient(credential.password)
-                conn.writer.write(m.sasl_initial_response(SCRAM_SHA_256, scram.client_first()))
+                stream.write(m.sasl_initial_response(SCRAM_SHA_256, scram.client_first()))
             elif code == m.AUTH_SASL_CONTINUE and scram is not None:
-                conn.writer.write(m.sasl_response(scram.client_final(data)))
+                stream.write(m.sasl_response(scram.client_final(data)))
             elif code == m.AUTH_SASL_FINAL and scram is not None:
                 scram.verify_server_final(data)
             else:
                 raise BackendAuthError(f"unsupported authentication request {code}")
-            await conn.writer.drain()
+            await stream.drain()
         elif msg_type == b"E":
             raise BackendRefused(m.error_fields(body))
         elif msg_type != b"N":
             raise m.ProtocolViolation(f"unexpected message {msg_type!r} during backend authentication")
     while True:
-        msg_type, body = await read_message(conn.reader, max_message)
+        msg_type, body = await read_message(stream, max_message)
         if msg_type == b"K":
             conn.pid, conn.secret = m.parse_backend_key_data(body)
         elif msg_type == b"Z":

@@ -22,6 +22,7 @@ from typing import Any
 
 import pglast
 
+from data_plane.core.stream import Stream
 from data_plane.postgres import messages as m
 
 log = logging.getLogger("proctor.gateway.catalog")
@@ -215,19 +216,19 @@ def build_snapshot(column_rows: list[list[str | None]], view_rows: list[list[str
     return CatalogSnapshot(relations, views, time.monotonic())
 
 
-async def simple_query_rows(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, queries: list[str],
-                            *, max_message: int = 1 << 26) -> list[list[list[str | None]]]:
+async def simple_query_rows(stream: Stream, queries: list[str], *,
+                            max_message: int = 1 << 26) -> list[list[list[str | None]]]:
     """Run simple queries on a connection that is ready for a query; each query's rows as text."""
     from data_plane.postgres.backend import read_message
 
     results: list[list[list[str | None]]] = []
     for sql in queries:
-        writer.write(m.query(sql))
-        await writer.drain()
+        stream.write(m.query(sql))
+        await stream.drain()
         rows: list[list[str | None]] = []
         error: dict[str, str] | None = None
         while True:
-            msg_type, body = await read_message(reader, max_message)
+            msg_type, body = await read_message(stream, max_message)
             if msg_type == b"D":
                 rows.append([None if v is None else v.decode() for v in m.parse_data_row(body)])
             elif msg_type == b"E":
@@ -244,18 +245,18 @@ class CatalogUnavailable(Exception):
     pass
 
 
-async def describe_query(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, query: str, *,
+async def describe_query(stream: Stream, query: str, *,
                          max_message: int = 1 << 26) -> list[m.FieldDescription] | None:
     """The columns a query would return (Parse and Describe, never executed); None when the
     server refuses to parse it."""
     from data_plane.postgres.backend import read_message
 
-    writer.write(m.frame(b"P", m.cstring("") + m.cstring(query) + b"\x00\x00")
+    stream.write(m.frame(b"P", m.cstring("") + m.cstring(query) + b"\x00\x00")
                  + m.frame(b"D", b"S\x00") + m.frame(b"S"))
-    await writer.drain()
+    await stream.drain()
     description: list[m.FieldDescription] | None = None
     while True:
-        msg_type, body = await read_message(reader, max_message)
+        msg_type, body = await read_message(stream, max_message)
         if msg_type == b"T":
             description = m.parse_row_description(body)
         elif msg_type == b"n":

@@ -17,6 +17,8 @@ MAX_STARTUP_PACKET = 10_000  # what PostgreSQL itself accepts for a startup pack
 
 _INT32 = struct.Struct("!i")
 _INT16 = struct.Struct("!h")
+_UNPACK_INT32 = _INT32.unpack_from
+_UNPACK_INT16 = _INT16.unpack_from
 _HEADER = struct.Struct("!ci")
 
 # Authentication request codes (server 'R').
@@ -386,6 +388,54 @@ class Bind:
 
 
 def parse_bind(body: bytes) -> Bind:
+    bind = _parse_bind_fast(body)
+    return bind if bind is not None else _parse_bind(body)
+
+
+def _parse_bind_fast(body: bytes) -> Bind | None:
+    """A well-formed Bind (every Execute of a prepared statement brings one) without a Reader;
+    None for anything unusual, which `_parse_bind` then decodes or refuses."""
+    size = len(body)
+    portal_end = body.find(b"\x00")
+    statement_end = body.find(b"\x00", portal_end + 1) if portal_end >= 0 else -1
+    if statement_end < 0 or statement_end + 3 > size:
+        return None
+    pos = statement_end + 1
+    count = _UNPACK_INT16(body, pos)[0]
+    pos += 2
+    if count < 0 or pos + 2 * count + 2 > size:
+        return None
+    formats = struct.unpack_from(f"!{count}h", body, pos) if count else ()
+    pos += 2 * count
+    count = _UNPACK_INT16(body, pos)[0]
+    pos += 2
+    if count < 0:
+        return None
+    params: list[bytes | None] = []
+    for _ in range(count):
+        if pos + 4 > size:
+            return None
+        length = _UNPACK_INT32(body, pos)[0]
+        pos += 4
+        if length < 0:
+            params.append(None)
+        elif pos + length > size:
+            return None
+        else:
+            params.append(body[pos:pos + length])
+            pos += length
+    if pos + 2 > size:
+        return None
+    count = _UNPACK_INT16(body, pos)[0]
+    pos += 2
+    if count < 0 or pos + 2 * count > size or len(formats) not in (0, 1, len(params)):
+        return None
+    results = struct.unpack_from(f"!{count}h", body, pos) if count else ()
+    return Bind(body[:portal_end].decode("utf-8", errors="replace"),
+                body[portal_end + 1:statement_end].decode("utf-8", errors="replace"), formats, tuple(params), results)
+
+
+def _parse_bind(body: bytes) -> Bind:
     reader = Reader(body)
     portal = reader.cstring()
     statement = reader.cstring()
@@ -411,12 +461,17 @@ def bind(message: Bind) -> bytes:
 
 
 def parse_execute(body: bytes) -> tuple[str, int]:
+    end = body.find(b"\x00")
+    if end >= 0 and end + 5 <= len(body):  # the usual, well-formed case, without a Reader
+        return body[:end].decode("utf-8", errors="replace"), _UNPACK_INT32(body, end + 1)[0]
     reader = Reader(body)
     return reader.cstring(), reader.int32()
 
 
 def parse_close_or_describe(body: bytes) -> tuple[str, str]:
     """(`S` statement or `P` portal, name)."""
+    if len(body) >= 2 and body.find(b"\x00", 1) == len(body) - 1:  # the usual case, without a Reader
+        return chr(body[0]), body[1:-1].decode("utf-8", errors="replace")
     reader = Reader(body)
     kind = chr(reader.byte())
     return kind, reader.cstring()

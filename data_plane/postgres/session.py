@@ -15,6 +15,7 @@ import dataclasses
 import logging
 import struct
 import time
+from collections.abc import Callable
 from typing import Any
 
 import orjson
@@ -31,6 +32,7 @@ from data_plane import metrics
 from data_plane.core.context import GatewayContext
 from data_plane.core.control_plane_client import ControlPlaneError
 from data_plane.core.credentials import Credential
+from data_plane.core.grants import VerifiedGrant
 from data_plane.core.guardrails import ALLOW, BLOCK, REQUIRE_APPROVAL, Verdict
 from data_plane.core.masking import HASH, Masking
 from data_plane.core.recording import EVENT, FROM_CLIENT, FROM_GATEWAY, FROM_SERVER, META, WIRE, WIRE_REDACTED
@@ -39,6 +41,7 @@ from data_plane.core.registry import CancelTarget
 from data_plane.core.sealed import PayloadSealer, SealingUnavailable
 from data_plane.core.session import SessionInfo, Statement, new_session_id
 from data_plane.core.spool import SessionEvidence
+from data_plane.core.stream import Stream
 from data_plane.postgres import backend as pg_backend
 from data_plane.postgres import messages as m
 from data_plane.postgres.auth import BackendAuthError
@@ -46,14 +49,13 @@ from data_plane.postgres.catalog import CATALOGS, CatalogUnavailable, describe_q
 from data_plane.postgres.framescan import FrameError, FrameTooLarge, scan_frames
 from data_plane.postgres.guard import guard_for, refusal, refused_parse, refused_query, stops
 from data_plane.postgres.masker import LineageUnknown, ResultMasker, ResultPlan
-from data_plane.postgres.tracker import StatementTracker
+from data_plane.postgres.tracker import SERVER_DECODED, StatementTracker
 
 log = logging.getLogger("proctor.gateway.postgres")
 
 _LENGTH = struct.Struct("!i")
 CLIENT_SKIP = b"d"  # CopyData from the client is counted, not decoded
 SERVER_SKIP = b"Dd"  # DataRow and CopyData from the server likewise
-SERVER_DECODED = frozenset(b"CEZIst")
 CLIENT_DECODED = frozenset(b"QPBESFCDHX")
 REDACTABLE = frozenset(b"QPB")  # Query, Parse, Bind: where a secret can travel in the clear
 GUARDED = frozenset(b"QPF")  # Query, Parse, FunctionCall: what guardrails judge
@@ -65,11 +67,13 @@ class SessionEnded(Exception):
 
 
 class PostgresSession:
-    def __init__(self, ctx: GatewayContext, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    __slots__ = ("_credential", "_credential_use", "_outcome", "_terminated", "cancel_key", "ctx", "evidence", "info",
+                 "masking", "relay", "sealer", "session_id", "stream", "tls", "verified")
+
+    def __init__(self, ctx: GatewayContext, stream: Stream) -> None:
         self.ctx = ctx
-        self.reader = reader
-        self.writer = writer
-        peer = writer.get_extra_info("peername") or ("", 0)
+        self.stream = stream  # the client's connection, until the relay takes its transport over
+        peer = stream.get_extra_info("peername") or ("", 0)
         self.info = SessionInfo(new_session_id(), "postgres", str(peer[0]), int(peer[1]), ctx.config.region)
         self.session_id = self.info.session_id
         self.evidence: SessionEvidence | None = None
@@ -78,21 +82,25 @@ class PostgresSession:
         self.cancel_key: tuple[int, int] | None = None
         self._terminated: tuple[str, str] | None = None
         self._outcome = "refused"
-        self.grant_token = ""
+        self.verified: VerifiedGrant | None = None  # the grant token and its claims (shared)
         self.masking: Masking | None = None
         self.sealer: PayloadSealer | None = None  # keeps the unmasked originals, encrypted
-        self._credential: Credential | None = None
+        self._credential: Credential | None = None  # kept only for masking's catalog lookups
+        self._credential_use: dict[str, Any] | None = None  # for the connect event
+
+    @property
+    def grant_token(self) -> str:
+        return self.verified.token if self.verified is not None else ""
 
     # ------------------------------------------------------------------------------------------
     async def run(self) -> None:
         grant: GrantClaims | None = None
+        backend: pg_backend.BackendConnection | None = None
         try:
-            startup = await self.negotiate()
-            if startup is None:
+            opened = await self.open()
+            if opened is None:
                 return
-            token, grant = await self.authorize(startup)
-            self.grant_token = token
-            backend = await self.connect_backend(token, grant, startup)
+            backend, grant = opened
             await self.run_authorized(backend, grant)
         except SessionEnded:
             pass
@@ -105,15 +113,26 @@ class PostgresSession:
             metrics.ERRORS.labels("session").inc()
             await self.refuse("XX000", "internal gateway error")
         finally:
+            if backend is not None and self.relay is None:  # connected, but the relay never took it over
+                backend.stream.close()
             self.close(grant)
+
+    async def open(self) -> tuple[pg_backend.BackendConnection, GrantClaims] | None:
+        """Negotiate, authorize, connect the backend. What only the start needs (the startup
+        parameters, the password message) is not kept for the life of the session."""
+        startup = await self.negotiate()
+        if startup is None:
+            return None
+        grant = await self.authorize(startup)
+        return await self.connect_backend(grant, startup), grant
 
     # ------------------------------------------------------------------------------------------
     async def read_startup_packet(self) -> m.StartupPacket:
-        header = await self.reader.readexactly(4)
+        header = await self.stream.readexactly(4)
         (length,) = _LENGTH.unpack(header)
         if length < 8 or length > m.MAX_STARTUP_PACKET:
             raise m.ProtocolViolation("invalid startup packet length")
-        return m.parse_startup_packet(header + await self.reader.readexactly(length - 4))
+        return m.parse_startup_packet(header + await self.stream.readexactly(length - 4))
 
     async def negotiate(self) -> m.StartupMessage | None:
         """TLS and the startup message; a cancel request is forwarded and ends the connection."""
@@ -121,14 +140,14 @@ class PostgresSession:
             packet = await asyncio.wait_for(self.read_startup_packet(), 30)
             if isinstance(packet, m.SSLRequest):
                 if self.tls or self.ctx.tls is None:
-                    self.writer.write(b"N")
+                    self.stream.write(b"N")
                     continue
-                self.writer.write(b"S")
-                await self.writer.drain()
-                await self.writer.start_tls(self.ctx.tls)
+                self.stream.write(b"S")
+                await self.stream.drain()
+                await self.stream.start_tls(self.ctx.tls, server_side=True)
                 self.tls = True
             elif isinstance(packet, m.GSSENCRequest):
-                self.writer.write(b"N")
+                self.stream.write(b"N")
             elif isinstance(packet, m.CancelRequest):
                 await self.forward_cancel(packet)
                 return None
@@ -165,17 +184,17 @@ class PostgresSession:
             self.info.on_template = self.evidence.write_template
         return self.evidence
 
-    async def authorize(self, startup: m.StartupMessage) -> tuple[str, GrantClaims]:
+    async def authorize(self, startup: m.StartupMessage) -> GrantClaims:
         """Ask for the password (the grant JWT, over TLS) and verify it offline."""
         evidence = self.open_evidence(startup)
-        self.writer.write(m.authentication(m.AUTH_CLEARTEXT))
-        await self.writer.drain()
-        msg_type, body = await asyncio.wait_for(pg_backend.read_message(self.reader, 1 << 16), 60)
+        self.stream.write(m.authentication(m.AUTH_CLEARTEXT))
+        await self.stream.drain()
+        msg_type, body = await asyncio.wait_for(pg_backend.read_message(self.stream, 1 << 16), 60)
         if msg_type != b"p":
             raise m.ProtocolViolation("expected a password message")
-        token = m.parse_password(body)
         try:
-            grant = await self.ctx.authority.verify(token)
+            verified = await self.ctx.authority.verify(m.parse_password(body))
+            grant = verified.claims
             requested = startup.params.get("database")
             if grant.target_kind != "postgres":
                 raise GrantInvalid(f"grant is for a {grant.target_kind} target")
@@ -190,6 +209,7 @@ class PostgresSession:
             metrics.SESSIONS.labels("postgres", "refused").inc()
             await self.refuse("28P01", f"Proctor grant rejected: {exc}")
             raise SessionEnded from exc
+        self.verified = verified
         self.info.grant = grant
         self.info.database = requested or grant.database
         self.info.backend_user = grant.backend_role
@@ -201,7 +221,7 @@ class PostgresSession:
             session_id=self.session_id, grant_id=grant.grant_id, target_name=grant.target,
             src_ip=self.info.client_ip, src_port=self.info.client_port, policy_name=grant.policy_name,
             policy_version=grant.policy_version, details={"mechanism": "grant", "protocol": "postgres"}))
-        return token, grant
+        return grant
 
     def masking_for(self, grant: GrantClaims) -> Masking | None:
         """The grant's masking rules, or None; rules the gateway cannot enforce refuse the session."""
@@ -245,26 +265,26 @@ class PostgresSession:
     async def catalog_queries(self, queries: list[str]) -> list[list[list[str | None]]]:
         connection = await self._catalog_connection()
         try:
-            return await simple_query_rows(connection.reader, connection.writer, queries)
+            return await simple_query_rows(connection.stream, queries)
         finally:
-            connection.writer.close()
+            connection.stream.close()
 
     async def catalog_queries_describe(self, query: str) -> list[m.FieldDescription] | None:
         connection = await self._catalog_connection()
         try:
-            return await describe_query(connection.reader, connection.writer, query)
+            return await describe_query(connection.stream, query)
         finally:
-            connection.writer.close()
+            connection.stream.close()
 
-    async def connect_backend(self, token: str, grant: GrantClaims,
-                              startup: m.StartupMessage) -> pg_backend.BackendConnection:
+    async def connect_backend(self, grant: GrantClaims, startup: m.StartupMessage) -> pg_backend.BackendConnection:
         """Fetch the credential and log in as the backend role; on an authentication failure
         (a rotation in progress) refresh once, then try the pending version."""
         attempts = ({"fresh": False}, {"fresh": True}, {"pending": True})
         last_error = "backend authentication failed"
         for attempt in attempts:
             try:
-                credential, source = await self.ctx.credentials.get(token, grant, self.session_id, **attempt)
+                credential, source = await self.ctx.credentials.get(self.grant_token, grant, self.session_id,
+                                                                    **attempt)
             except ControlPlaneError as exc:
                 if exc.status == 404 and attempt.get("pending"):
                     break
@@ -285,7 +305,8 @@ class PostgresSession:
             except (pg_backend.BackendUnavailable, BackendAuthError) as exc:
                 await self.fail_connect("08006", f"cannot connect to target {grant.target}: {exc}", str(exc))
                 raise SessionEnded from exc
-            self._credential = credential
+            if self.masking is not None:
+                self._credential = credential
             self._credential_use = {"source": source, "version_id": credential.version_id,
                                     "backend_tls": backend.tls, **_endpoint(credential)}
             return backend
@@ -302,6 +323,23 @@ class PostgresSession:
     # ------------------------------------------------------------------------------------------
     async def run_authorized(self, backend: pg_backend.BackendConnection, grant: GrantClaims) -> None:
         ctx = self.ctx
+        relay = self.relay = await self.start_relay(backend)
+        ctx.registry.add(self, grant.grant_id)
+        expiry = asyncio.get_running_loop().call_later(
+            max(0.0, grant.expires_at - time.time()), self.terminate, "57P01",
+            "terminating connection: the Proctor grant expired")
+        try:
+            if grant.grant_id in ctx.authority.revoked:
+                self.terminate("57P01", "terminating connection: the grant was revoked")
+            await relay.run(self.stream)
+        finally:
+            expiry.cancel()
+            ctx.registry.remove(self, grant.grant_id)
+
+    async def start_relay(self, backend: pg_backend.BackendConnection) -> Relay:
+        """Greet the client as the backend did, and hand both connections to a Relay (what only
+        the greeting needs is not kept for the life of the session)."""
+        ctx = self.ctx
         evidence = self.evidence
         assert evidence is not None
         self.cancel_key = ctx.registry.new_cancel_key(
@@ -312,7 +350,7 @@ class PostgresSession:
             try:
                 snapshot = await self.lookup(("catalog", []))
             except (CatalogUnavailable, OSError, TimeoutError, m.ProtocolViolation) as exc:
-                backend.writer.close()
+                backend.stream.close()
                 await self.fail_connect("XX000", "Proctor cannot enforce this grant's masking: the target's "
                                                  "catalog is unavailable", f"masking: {exc}")
                 raise SessionEnded from exc
@@ -322,7 +360,7 @@ class PostgresSession:
                 try:
                     await self.sealer.open()
                 except SealingUnavailable as exc:
-                    backend.writer.close()
+                    backend.stream.close()
                     await self.fail_connect("XX000", "Proctor cannot enforce this grant's masking: the "
                                                      "break-glass key is unavailable", f"sealing: {exc}")
                     raise SessionEnded from exc
@@ -330,26 +368,18 @@ class PostgresSession:
                              m.backend_key_data(*self.cancel_key), m.ready_for_query(backend.transaction_status)])
         evidence.add_event(self.info.event("connect", details={"credential": self._credential_use,
                                                                "client_tls": self.tls}))
+        self._credential_use = None
         evidence.record(FROM_SERVER, greeting)
-        self.writer.write(greeting)
+        self.stream.write(greeting)
         self._outcome = "completed"
         metrics.SESSIONS.labels("postgres", "opened").inc()
 
         tracker = StatementTracker(self.statement_done, record_parameters=self.info.record_parameters)
-        self.relay = Relay(self, tracker, backend)
-        if self.relay.masker is not None:
-            self.relay.masker.snapshot = snapshot
-        ctx.registry.add(self, grant.grant_id)
-        expiry = asyncio.get_running_loop().call_later(
-            max(0.0, grant.expires_at - time.time()), self.terminate, "57P01",
-            "terminating connection: the Proctor grant expired")
-        try:
-            if grant.grant_id in ctx.authority.revoked:
-                self.terminate("57P01", "terminating connection: the grant was revoked")
-            await self.relay.run(self.reader, self.writer)
-        finally:
-            expiry.cancel()
-            ctx.registry.remove(self, grant.grant_id)
+        relay = Relay(self, tracker, backend)
+        if relay.masker is not None:
+            relay.masker.snapshot = snapshot
+        backend.startup_frames = []  # relayed in the greeting and read by the Relay: no longer needed
+        return relay
 
     def cancel_hold(self) -> bool:
         return self.relay is not None and self.relay.cancel_hold()
@@ -359,11 +389,11 @@ class PostgresSession:
         if self.evidence is not None:
             self.evidence.add_event(self.info.statement_event(statement))
         if statement.sqlstate or statement.error:
-            metrics.STATEMENTS_ERROR.inc()
+            metrics.STATEMENTS_ERROR.value += 1
         elif statement.skipped:
-            metrics.STATEMENTS_SKIPPED.inc()
+            metrics.STATEMENTS_SKIPPED.value += 1
         else:
-            metrics.STATEMENTS_OK.inc()
+            metrics.STATEMENTS_OK.value += 1
 
     def terminate(self, code: str, message: str) -> None:
         """End the session now with a FATAL error to the client (revocation, expiry, drain)."""
@@ -380,14 +410,14 @@ class PostgresSession:
         if self.evidence is not None:
             self.evidence.record(FROM_GATEWAY, payload)
         with contextlib.suppress(Exception):
-            self.writer.write(payload)
-            await asyncio.wait_for(self.writer.drain(), 5)
+            self.stream.write(payload)
+            await asyncio.wait_for(self.stream.drain(), 5)
 
     def close(self, grant: GrantClaims | None) -> None:
         if self.cancel_key is not None:
             self.ctx.registry.drop_cancel_key(self.cancel_key)
         with contextlib.suppress(Exception):
-            self.writer.close()
+            self.stream.close()
         if self.relay is not None:
             self.relay.close_backend()
             self.relay.tracker.abandon(time.monotonic())
@@ -422,15 +452,15 @@ def _endpoint(credential: Credential) -> dict[str, Any]:
 class _Side(asyncio.Protocol):
     """One end of the relay: what it reads goes to the Relay, which writes to the other end."""
 
+    __slots__ = ("from_client", "received", "relay")
+
     def __init__(self, relay: Relay, from_client: bool) -> None:
         self.relay = relay
         self.from_client = from_client
+        self.received = relay.from_client if from_client else relay.from_server
 
     def data_received(self, data: bytes) -> None:
-        if self.from_client:
-            self.relay.from_client(data)
-        else:
-            self.relay.from_server(data)
+        self.received(data)
 
     def eof_received(self) -> bool:
         self.relay.finish()
@@ -447,6 +477,10 @@ class _Side(asyncio.Protocol):
 
 
 class Relay:
+    __slots__ = ("backend", "client", "client_tail", "decided", "done", "evidence", "from_server", "guard", "hold",
+                 "lookup", "masker", "max_len", "pending_terminate", "policy_label", "record", "rewritten", "server",
+                 "server_chunk", "server_tail", "session", "standard_strings", "tracker")
+
     def __init__(self, session: PostgresSession, tracker: StatementTracker,
                  backend: pg_backend.BackendConnection) -> None:
         self.session = session
@@ -470,24 +504,29 @@ class Relay:
         self.server: asyncio.Transport | None = None
         self.client_tail = b""
         self.server_tail = b""
+        self.server_chunk = b""  # the chunk from_server_plain is handling, for notable_frame
+        self.rewritten: list[tuple[int, int, bytes]] | None = None  # its frames to replace
         self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.pending_terminate: bytes | None = None
         # Masking: results pass through the masker; the server stream waits while it looks up lineage.
         self.masker: ResultMasker | None = None
         self.lookup: tuple[str, Any] | None = None
+        # What the server sends goes through the masker when the grant masks anything.
+        self.from_server: Callable[[bytes], None] = self.from_server_plain
         masking = getattr(session, "masking", None)
         if masking is not None:
             self.masker = ResultMasker(masking, self.mask_event, on_lineage=self.lineage_event)
-            self.from_server = self.from_server_masked  # type: ignore[method-assign]
+            self.from_server = self.from_server_masked
 
-    async def run(self, client_reader: asyncio.StreamReader, client_writer: asyncio.StreamWriter) -> None:
-        self.client = client_writer.transport  # type: ignore[assignment]
-        self.server = self.backend.writer.transport  # type: ignore[assignment]
+    async def run(self, client: Stream) -> None:
+        backend = self.backend.stream
+        assert client.transport is not None and backend.transport is not None
+        self.client, self.server = client.transport, backend.transport
         for transport in (self.client, self.server):
             transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
-        # Bytes the stream readers already buffered belong to the relay now.
-        client_early = bytes(getattr(client_reader, "_buffer", b""))
-        server_early = bytes(getattr(self.backend.reader, "_buffer", b""))
+        # Bytes the streams already read belong to the relay now.
+        client_early = client.take_buffered()
+        server_early = backend.take_buffered()
         self.client.set_protocol(_Side(self, from_client=True))
         self.server.set_protocol(_Side(self, from_client=False))
         if self.pending_terminate is not None:
@@ -496,6 +535,8 @@ class Relay:
             self.from_server(server_early)
         if client_early:
             self.from_client(client_early)
+        if self.client.is_closing() or self.server.is_closing():  # one side went away during the start
+            self.finish()
         for transport in (self.client, self.server):
             if not transport.is_closing():
                 transport.resume_reading()
@@ -523,37 +564,42 @@ class Relay:
             return
         chunk = buf if end == len(buf) else buf[:end]
         redact = False
+        copied = trailing  # CopyData frames: counted, not decoded
         tracker = self.tracker
         guard = self.guard
-        stopped: list[tuple[int, int, bytes, Verdict]] = []
+        masker = self.masker
+        stopped: list[tuple[int, int, bytes, Verdict]] | None = None
         held: Hold | None = None
         try:
-            for index, (msg_type, offset, size, _) in enumerate(events):
-                if msg_type in CLIENT_DECODED:
-                    body = chunk[offset + 5:offset + size]
-                    if msg_type in REDACTABLE and might_hold_secret(body):
-                        redact = True
-                    verdict = text = None
-                    if guard is not None and msg_type in GUARDED:
-                        verdict, replacement, text = self.judge(msg_type, body)
-                        if verdict is not None and verdict.action == REQUIRE_APPROVAL:
-                            # Relay what came before; hold this statement and all that follows it.
-                            held = Hold(bytes(chunk[offset:]) + bytes(buf[end:]), bytes(chunk[offset:offset + size]),
-                                        verdict, text or self.statement_text(msg_type, body))
-                            events = events[:index]
-                            chunk = chunk[:offset]
-                            end = offset
-                            trailing = 0
-                            break
-                        if replacement is not None:
-                            stopped.append((offset, size, replacement, verdict))  # type: ignore[arg-type]
-                    tracker.client_message(msg_type, body, verdict, text)
-                    if self.masker is not None:
-                        self.masker.client_message(msg_type, body)
+            for index, (msg_type, offset, size, skipped) in enumerate(events):
+                copied += skipped
+                if msg_type not in CLIENT_DECODED:
+                    continue
+                body = chunk[offset + 5:offset + size]
+                if msg_type in REDACTABLE and might_hold_secret(body):
+                    redact = True
+                verdict = text = None
+                if guard is not None and msg_type in GUARDED:
+                    verdict, replacement, text = self.judge(msg_type, body)
+                    if verdict is not None and verdict.action == REQUIRE_APPROVAL:
+                        # Relay what came before; hold this statement and all that follows it.
+                        held = Hold(bytes(chunk[offset:]) + bytes(buf[end:]), bytes(chunk[offset:offset + size]),
+                                    verdict, text or self.statement_text(msg_type, body))
+                        events = events[:index]
+                        chunk = chunk[:offset]
+                        end = offset
+                        copied = sum(e[3] for e in events)
+                        break
+                    if replacement is not None:
+                        stopped = stopped or []
+                        stopped.append((offset, size, replacement, verdict))  # type: ignore[arg-type]
+                tracker.client_message(msg_type, body, verdict, text)
+                if masker is not None:
+                    masker.client_message(msg_type, body)
         except m.ProtocolViolation as exc:
             self.fail_protocol("08P01", f"protocol violation: {exc}")
             return
-        if trailing or any(e[3] for e in events):
+        if copied:
             tracker.client_copy_bytes(end)
         if not chunk:
             pass
@@ -577,7 +623,7 @@ class Relay:
         self.client_tail = buf[end:] if end < len(buf) else b""
 
     # server → client ---------------------------------------------------------------------------
-    def from_server(self, data: bytes) -> None:
+    def from_server_plain(self, data: bytes) -> None:
         if self.done.done():
             return
         buf = self.server_tail + data if self.server_tail else data
@@ -590,47 +636,41 @@ class Relay:
             self.server_tail = buf
             return
         chunk = buf if end == len(buf) else buf[:end]
-        tracker = self.tracker
-        now = time.monotonic()
-        pos = rows = 0
-        rewritten: list[tuple[int, int, bytes]] = []
+        self.server_chunk = chunk
         try:
-            for msg_type, offset, size, skipped in events:
-                rows += skipped
-                if msg_type in SERVER_DECODED:
-                    if rows:
-                        tracker.rows(rows)
-                        rows = 0
-                    # Bytes up to and including this message belong to the statement it answers.
-                    tracker.server_bytes(offset + size - pos)
-                    pos = offset + size
-                    answered = tracker.server_message(msg_type, chunk[offset + 5:offset + size], now)
-                    if answered is not None and answered.verdict is not None and stops(answered.verdict):
-                        refused = refusal(answered.verdict, policy=self.policy_label)
-                        fields = m.error_fields(refused[5:])
-                        answered.sqlstate, answered.error = fields["C"], fields["M"]
-                        rewritten.append((offset, size, refused))
-                elif msg_type == 0x53 and self.guard is not None:  # ParameterStatus
-                    self.parameter_status(chunk[offset + 5:offset + size])
+            self.tracker.server_frames(chunk, events, end, trailing, time.monotonic(), self.notable_frame)
         except m.ProtocolViolation as exc:
+            self.rewritten = None
             self.fail_protocol("08P01", f"the target sent an invalid message: {exc}")
             return
-        rows += trailing
-        if rows:
-            tracker.rows(rows)
-        if end > pos:
-            tracker.server_bytes(end - pos)
-        if rewritten:
+        finally:
+            self.server_chunk = b""
+        if self.rewritten is not None:
             # The backend refused the placeholder the gateway sent instead of a blocked statement:
             # the client hears why, in the backend's place.
-            chunk = _replace_frames(chunk, rewritten)
+            chunk = _replace_frames(chunk, self.rewritten)
+            self.rewritten = None
         self.record(FROM_SERVER, WIRE, chunk)
         self.session.info.bytes_out += end
         self.client.write(chunk)  # type: ignore[union-attr]
         self.server_tail = buf[end:] if end < len(buf) else b""
 
+    def notable_frame(self, msg_type: int, offset: int, size: int, answered: Statement | None) -> None:
+        """An ErrorResponse or ParameterStatus of the chunk `from_server_plain` is handling."""
+        if msg_type == 0x53:  # ParameterStatus
+            if self.guard is not None:
+                self.parameter_status(self.server_chunk[offset + 5:offset + size])
+        elif answered is not None and answered.verdict is not None and stops(answered.verdict):
+            # Before any later frame completes the statement: its evidence carries the rewritten error.
+            refused = refusal(answered.verdict, policy=self.policy_label)
+            fields = m.error_fields(refused[5:])
+            answered.sqlstate, answered.error = fields["C"], fields["M"]
+            if self.rewritten is None:
+                self.rewritten = []
+            self.rewritten.append((offset, size, refused))
+
     def from_server_masked(self, data: bytes) -> None:
-        """`from_server` for a grant with masking rules: the same bookkeeping, plus the masker's
+        """`from_server_plain` for a grant with masking rules: the same bookkeeping, plus the masker's
         rewrites of DataRows, CopyData rows and errors, and a pause while lineage is looked up."""
         if self.done.done():
             return
@@ -796,25 +836,23 @@ class Relay:
         text = None
         decided = self.decided.pop(bytes(body), None) if self.decided else None
         if decided is not None:  # a held statement coming back with its approval's outcome
+            verdict = decided
             if msg_type == 0x51:
                 text = m.parse_query(body)
-            replacement = (refused_parse(m.parse_parse(body).statement) if msg_type == 0x50 else refused_query())
-            return decided, replacement if stops(decided) else None, text
-        if msg_type == 0x51:  # Query
+        elif msg_type == 0x51:  # Query
             text = m.parse_query(body)
             verdict = guard.check(text) if self.standard_strings else guard.guardrails.evaluate(None, text)
-            replacement = refused_query()
         elif msg_type == 0x50:  # Parse
-            parsed = m.parse_parse(body)
-            verdict = guard.check(parsed.query) if self.standard_strings else guard.guardrails.evaluate(
-                None, parsed.query)
-            replacement = refused_parse(parsed.statement)
+            query = m.parse_parse(body).query
+            verdict = guard.check(query) if self.standard_strings else guard.guardrails.evaluate(None, query)
         else:  # FunctionCall by OID: nothing to parse, so it is judged as unparsable
             verdict = guard.guardrails.evaluate(None, f"<function call {m.parse_function_call(body)}>")
-            replacement = refused_query()
-        if verdict.action == ALLOW and not verdict.matched:
+        if decided is None and verdict.action == ALLOW and not verdict.matched:
             return None, None, text
-        return verdict, replacement if stops(verdict) else None, text
+        if not stops(verdict):
+            return verdict, None, text
+        replacement = refused_parse(m.parse_parse(body).statement) if msg_type == 0x50 else refused_query()
+        return verdict, replacement, text
 
     @staticmethod
     def statement_text(msg_type: int, body: bytes) -> str:

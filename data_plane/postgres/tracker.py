@@ -6,27 +6,32 @@ from __future__ import annotations
 
 import struct
 import uuid
-from collections import deque
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
 
 from data_plane.core.guardrails import Verdict
 from data_plane.core.redact import might_hold_secret, redact_conninfo, redact_statement
 from data_plane.core.session import Statement
 from data_plane.postgres import messages as m
+from data_plane.postgres.framescan import FrameEvent
 
 MAX_PARAMETER_CHARS = 1024
+_UNJUDGED: tuple[str, Verdict | None] = ("<unknown prepared statement>", None)
+# Server messages the bookkeeping decodes: CommandComplete, ErrorResponse, ReadyForQuery,
+# EmptyQueryResponse, PortalSuspended, ParameterDescription.
+SERVER_DECODED = frozenset(b"CEZIst")
 
 
-@dataclass
 class _Group:
-    simple: bool
-    statements: list[Statement] = field(default_factory=list)
-    cursor: int = 0  # the statement the next response belongs to
-    parse_text: str | None = None  # the last Parse of the group, for an error before any Execute
-    failed: bool = False
-    parse_verdict: Verdict | None = None
-    described: list[str] = field(default_factory=list)  # statements whose ParameterDescription is due
+    __slots__ = ("cursor", "described", "failed", "parse_text", "parse_verdict", "simple", "statements")
+
+    def __init__(self, simple: bool, statements: list[Statement] | None = None) -> None:
+        self.simple = simple
+        self.statements: list[Statement] = [] if statements is None else statements
+        self.cursor = 0  # the statement the next response belongs to
+        self.parse_text: str | None = None  # the last Parse of the group, for an error before any Execute
+        self.failed = False
+        self.parse_verdict: Verdict | None = None
+        self.described: list[str] | None = None  # statements whose ParameterDescription is due
 
     def current(self) -> Statement | None:
         return self.statements[self.cursor] if self.cursor < len(self.statements) else None
@@ -51,24 +56,35 @@ def _parameter(value: bytes | None, fmt: int, type_oid: int) -> str | None:
         return None
     if fmt == 0:
         text = value.decode("utf-8", errors="replace")
+        # The raw bytes hint as the decoded text would: only non-ASCII bytes can differ.
+        secret = might_hold_secret(value)
     else:
         try:
             text = _BINARY_DECODERS[type_oid](value)
         except (KeyError, ValueError, struct.error):
             text = "\\x" + value.hex()
-    if might_hold_secret(text.encode()):
+        secret = might_hold_secret(text.encode())
+    if secret:
         text = redact_conninfo(text)
     return text if len(text) <= MAX_PARAMETER_CHARS else text[:MAX_PARAMETER_CHARS] + "…"
 
 
 class StatementTracker:
+    __slots__ = ("_copy_in", "_first", "_open", "_since_tag", "groups", "judged", "on_complete", "portals",
+                 "prepared", "record_parameters")
+
     def __init__(self, on_complete: Callable[[Statement], None], *, record_parameters: bool = True) -> None:
         self.on_complete = on_complete
         self.record_parameters = record_parameters
         self.prepared: dict[str, m.Parse] = {}
-        self.verdicts: dict[str, Verdict | None] = {}
+        # Per prepared statement: its text as the evidence shows it (secrets redacted, once per Parse
+        # rather than per Execute) and the guardrails' verdict.
+        self.judged: dict[str, tuple[str, Verdict | None]] = {}
         self.portals: dict[str, tuple[str, m.Bind]] = {}
-        self.groups: deque[_Group] = deque()
+        # The FIFO of groups awaiting their answers: groups[_first:]. A list emptied whenever the
+        # last answer arrives holds no storage at all while the session is idle (a deque keeps a block).
+        self.groups: list[_Group] = []
+        self._first = 0
         self._open: _Group | None = None  # extended-protocol group awaiting its Sync
         self._copy_in: Statement | None = None
         self._since_tag = 0
@@ -79,6 +95,15 @@ class StatementTracker:
             self._open = _Group(simple=False)
             self.groups.append(self._open)
         return self._open
+
+    def _pop_group(self) -> _Group:
+        groups = self.groups
+        group = groups[self._first]
+        self._first += 1
+        if self._first == len(groups):
+            groups.clear()
+            self._first = 0
+        return group
 
     def client_message(self, msg_type: int, body: bytes, verdict: Verdict | None = None,
                        text: str | None = None) -> None:
@@ -92,7 +117,7 @@ class StatementTracker:
         elif msg_type == 0x50:  # P
             parsed = m.parse_parse(body)
             self.prepared[parsed.statement] = parsed
-            self.verdicts[parsed.statement] = verdict
+            self.judged[parsed.statement] = (redact_statement(parsed.query), verdict)
             group = self._extended_group()
             group.parse_text = parsed.query
             group.parse_verdict = verdict
@@ -104,13 +129,14 @@ class StatementTracker:
             portal, _ = m.parse_execute(body)
             statement_name, bind = self.portals.get(portal, ("", None))
             parsed = self.prepared.get(statement_name)
-            text = parsed.query if parsed else "<unknown prepared statement>"
+            recorded, prepared_verdict = self.judged.get(statement_name, _UNJUDGED)
             params = None
             if self.record_parameters and bind is not None:
                 types = parsed.param_types if parsed else ()
                 params = [_parameter(v, bind.param_format(i), types[i] if i < len(types) else 0)
                           for i, v in enumerate(bind.params)]
-            statement = Statement(redact_statement(text), parameters=params, verdict=self.verdicts.get(statement_name))
+            statement = Statement(recorded if parsed else "<unknown prepared statement>", parameters=params,
+                                  verdict=prepared_verdict)
             self._extended_group().statements.append(statement)
             self._copy_in = statement
         elif msg_type == 0x53:  # S
@@ -122,12 +148,18 @@ class StatementTracker:
                 Statement(f"<function call {oid}>", kind="function", verdict=verdict)]))
         elif msg_type == 0x43:  # C (Close)
             kind, name = m.parse_close_or_describe(body)
-            (self.prepared if kind == "S" else self.portals).pop(name, None)
+            if kind == "S":
+                self.prepared.pop(name, None)
+                self.judged.pop(name, None)
+            else:
+                self.portals.pop(name, None)
             self._extended_group()
         elif msg_type == 0x44:  # D (Describe): its answer comes within the group
             kind, name = m.parse_close_or_describe(body)
             group = self._extended_group()
             if kind == "S":
+                if group.described is None:
+                    group.described = []
                 group.described.append(name)
 
     def client_copy_bytes(self, count: int) -> None:
@@ -135,12 +167,50 @@ class StatementTracker:
             self._copy_in.bytes += count
 
     # server → client -----------------------------------------------------------------------------
-    def _head(self) -> _Group | None:
-        return self.groups[0] if self.groups else None
+    def _current(self) -> Statement | None:
+        """The statement the next response belongs to."""
+        if not self.groups:
+            return None
+        group = self.groups[self._first]
+        return group.statements[group.cursor] if group.cursor < len(group.statements) else None
 
     def rows(self, count: int) -> None:
         """DataRows (or CopyData) relayed since the last response that closed a command."""
         self._since_tag += count
+
+    def server_frames(self, chunk: bytes, events: Sequence[FrameEvent], end: int, trailing: int, now: float,
+                      notable: Callable[[int, int, int, Statement | None], None]) -> None:
+        """One read from the server, as the relay's fast path feeds it: `events` from scan_frames
+        (DataRows and CopyData skipped, so counted as rows), `end` just past the last whole frame.
+        The same bookkeeping as `rows`, `server_bytes` and `server_message` per frame, in one call.
+        `notable(type, offset, size, statement)` hears of the frames the relay acts on, in order, before
+        any later frame completes a statement: each ErrorResponse with the statement it answers (or
+        None), each ParameterStatus."""
+        pos = rows = 0
+        for msg_type, offset, size, skipped in events:
+            rows += skipped
+            if msg_type in SERVER_DECODED:
+                if rows:
+                    self._since_tag += rows
+                    rows = 0
+                # Bytes up to and including this message belong to the statement it answers.
+                frame_end = offset + size
+                statement = self._current()
+                if statement is not None:
+                    statement.bytes += frame_end - pos
+                pos = frame_end
+                answered = self.server_message(msg_type, chunk[offset + 5:frame_end], now)
+                if msg_type == 0x45:
+                    notable(msg_type, offset, size, answered)
+            elif msg_type == 0x53:  # ParameterStatus
+                notable(msg_type, offset, size, None)
+        rows += trailing
+        if rows:
+            self._since_tag += rows
+        if end > pos:
+            statement = self._current()
+            if statement is not None:
+                statement.bytes += end - pos
 
     def _take_rows(self, statement: Statement | None, tagged: int | None = None) -> None:
         # A command's rows: its tag's count when it has one (SELECT, COPY, INSERT … RETURNING
@@ -150,17 +220,16 @@ class StatementTracker:
         self._since_tag = 0
 
     def server_bytes(self, count: int) -> None:
-        group = self._head()
-        statement = group.current() if group else None
+        statement = self._current()
         if statement is not None:
             statement.bytes += count
 
     def server_message(self, msg_type: int, body: bytes, now: float) -> Statement | None:
         """Returns the statement an ErrorResponse answers (the relay may rewrite that error)."""
-        group = self._head()
-        if group is None:
+        if not self.groups:
             return None
-        statement = group.current()
+        group = self.groups[self._first]
+        statement = group.statements[group.cursor] if group.cursor < len(group.statements) else None
         if msg_type == 0x43:  # C CommandComplete
             tag = m.parse_command_complete(body)
             if statement is None:
@@ -204,11 +273,12 @@ class StatementTracker:
                     self.prepared[name] = m.Parse(parsed.statement, parsed.query, m.parse_parameter_description(body))
         elif msg_type == 0x5A:  # Z ReadyForQuery
             self._take_rows(statement)
-            self.groups.popleft()
-            for pending in group.statements[group.cursor:]:
-                if not group.simple and pending.finished_mono is None and pending.sqlstate is None:
-                    pending.skipped = pending.skipped or group.failed
-                pending.finished_mono = pending.finished_mono or now
+            self._pop_group()
+            if statement is not None:  # statements still open: a simple query's, or skipped after an error
+                for pending in group.statements[group.cursor:]:
+                    if not group.simple and pending.finished_mono is None and pending.sqlstate is None:
+                        pending.skipped = pending.skipped or group.failed
+                    pending.finished_mono = pending.finished_mono or now
             for statement in group.statements:
                 self.on_complete(statement)
             self._copy_in = None
@@ -216,9 +286,9 @@ class StatementTracker:
     def abandon(self, now: float) -> None:
         """The session ended with statements still in flight: they are evidence too."""
         if self.groups:
-            self._take_rows(self.groups[0].current())
+            self._take_rows(self.groups[self._first].current())
         while self.groups:
-            group = self.groups.popleft()
+            group = self._pop_group()
             for statement in group.statements[group.cursor:]:
                 if statement.sqlstate is None and not statement.skipped:
                     statement.error = "the session ended before the statement completed"
