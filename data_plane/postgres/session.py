@@ -627,14 +627,10 @@ class Relay:
         if self.done.done():
             return
         buf = self.server_tail + data if self.server_tail else data
-        try:
-            end, events, trailing = scan_frames(buf, 0, SERVER_SKIP, self.max_len)
-        except FrameError as exc:
-            self.fail_protocol("08P01", f"the target sent an invalid message: {exc}")
+        scanned = self.scan_server(buf)
+        if scanned is None:
             return
-        if end == 0:
-            self.server_tail = buf
-            return
+        end, events, trailing = scanned
         chunk = buf if end == len(buf) else buf[:end]
         self.server_chunk = chunk
         try:
@@ -655,6 +651,28 @@ class Relay:
         self.client.write(chunk)  # type: ignore[union-attr]
         self.server_tail = buf[end:] if end < len(buf) else b""
 
+    def scan_server(self, buf: bytes) -> tuple[int, list[tuple[int, int, int, int]], int] | None:
+        """The complete frames of what the server sent; None when there are none yet (kept as the
+        tail) or the stream is malformed (the session ends)."""
+        try:
+            end, events, trailing = scan_frames(buf, 0, SERVER_SKIP, self.max_len)
+        except FrameError as exc:
+            self.fail_protocol("08P01", f"the target sent an invalid message: {exc}")
+            return None
+        if end == 0:
+            self.server_tail = buf
+            return None
+        return end, events, trailing
+
+    def refused_error(self, answered: Statement) -> bytes:
+        """The error the client hears in place of the backend's refusal of a stopped statement's
+        placeholder; the statement's evidence carries it."""
+        assert answered.verdict is not None
+        refused = refusal(answered.verdict, policy=self.policy_label)
+        fields = m.error_fields(refused[5:])
+        answered.sqlstate, answered.error = fields["C"], fields["M"]
+        return refused
+
     def notable_frame(self, msg_type: int, offset: int, size: int, answered: Statement | None) -> None:
         """An ErrorResponse or ParameterStatus of the chunk `from_server_plain` is handling."""
         if msg_type == 0x53:  # ParameterStatus
@@ -662,12 +680,9 @@ class Relay:
                 self.parameter_status(self.server_chunk[offset + 5:offset + size])
         elif answered is not None and answered.verdict is not None and stops(answered.verdict):
             # Before any later frame completes the statement: its evidence carries the rewritten error.
-            refused = refusal(answered.verdict, policy=self.policy_label)
-            fields = m.error_fields(refused[5:])
-            answered.sqlstate, answered.error = fields["C"], fields["M"]
             if self.rewritten is None:
                 self.rewritten = []
-            self.rewritten.append((offset, size, refused))
+            self.rewritten.append((offset, size, self.refused_error(answered)))
 
     def from_server_masked(self, data: bytes) -> None:
         """`from_server_plain` for a grant with masking rules: the same bookkeeping, plus the masker's
@@ -684,14 +699,10 @@ class Relay:
             self.server_tail = buf
             self.start_lookup(("sealing", None))
             return
-        try:
-            end, events, trailing = scan_frames(buf, 0, SERVER_SKIP, self.max_len)
-        except FrameError as exc:
-            self.fail_protocol("08P01", f"the target sent an invalid message: {exc}")
+        scanned = self.scan_server(buf)
+        if scanned is None:
             return
-        if end == 0:
-            self.server_tail = buf
-            return
+        end, events, trailing = scanned
         chunk = buf if end == len(buf) else buf[:end]
         tracker = self.tracker
         masker = self.masker
@@ -720,10 +731,7 @@ class Relay:
                     pos = offset + size
                     answered = tracker.server_message(msg_type, body, now)
                     if answered is not None and answered.verdict is not None and stops(answered.verdict):
-                        refused = refusal(answered.verdict, policy=self.policy_label)
-                        fields = m.error_fields(refused[5:])
-                        answered.sqlstate, answered.error = fields["C"], fields["M"]
-                        rewritten.append((offset, size, refused))
+                        rewritten.append((offset, size, self.refused_error(answered)))
                         replaced = True
                 elif msg_type == 0x53 and self.guard is not None:  # ParameterStatus
                     self.parameter_status(body)
