@@ -282,14 +282,20 @@ class Catalog:
             return None
         return snapshot
 
-    async def get(self, runner: QueryRunner, *, missing: Iterable[int] = ()) -> CatalogSnapshot:
+    async def get(self, runner: QueryRunner, *, missing: Iterable[int] = (),
+                  waited: bool = False) -> CatalogSnapshot:
         """The snapshot: the cached one while fresh, unless a result named relations it lacks
-        (`missing`) and no refresh was tried in the last `min_refresh` seconds."""
+        (`missing`): then a fresh one, read no sooner than `min_refresh` seconds after the last
+        read (a relation created just after it must still be found; the catalog is not read more
+        often than that however many sessions ask)."""
         snapshot = self.fresh()
         if snapshot is not None:
-            lacking = [oid for oid in missing if not snapshot.knows(oid)]
-            if not lacking or time.monotonic() - self._last_attempt < self.min_refresh:
+            if all(snapshot.knows(oid) for oid in missing):
                 return snapshot
+            wait = self.min_refresh - (time.monotonic() - self._last_attempt)
+            if wait > 0 and self._refreshing is None and not waited:
+                await asyncio.sleep(wait)
+                return await self.get(runner, missing=missing, waited=True)
         if self._refreshing is None:
             self._refreshing = asyncio.ensure_future(self._load(runner))
         refreshing = self._refreshing
