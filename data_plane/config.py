@@ -51,6 +51,9 @@ class GatewayConfig:
     backend_connect_timeout: float = 10.0
     run_shipper: bool = True
     event_loop: str = "uvloop"  # or "asyncio"
+    # Sessions whose grant needs no masking are relayed by the C data path (data_plane.postgres.fastpath).
+    fast_path: bool = True
+    fast_path_workers: int = 0  # its relay threads; 0: one per CPU the process may run on
     api_region: str | None = None  # the control plane's region, when the gateway runs in another
     evidence_region: str | None = None  # the evidence buckets' region, likewise
     # The break-glass KMS key (id, alias or ARN) that seals the unmasked originals of masked results.

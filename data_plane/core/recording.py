@@ -110,6 +110,30 @@ class RecordingWriter:
     def last_hash(self) -> str:
         return self._prev.hex()
 
+    # The chain's state, for the C data path that appends while it relays (and hands it back).
+    @property
+    def fd(self) -> int:
+        return self._fd
+
+    @property
+    def prev_hash(self) -> bytes:
+        return self._prev
+
+    @property
+    def seq(self) -> int:
+        return self._seq
+
+    @property
+    def next_sync(self) -> float:
+        return self._next_sync
+
+    @property
+    def fsync_interval(self) -> float:
+        return self._fsync_interval
+
+    def resume_from(self, prev_hash: bytes, seq: int, bytes_written: int, next_sync: float) -> None:
+        self._prev, self._seq, self.bytes_written, self._next_sync = prev_hash, seq, bytes_written, next_sync
+
     def append(self, direction: int, kind: int, payload: bytes | bytearray | memoryview) -> None:
         now = _now()
         self._prev = _append(self._fd, self._prev, self._seq, now, direction, kind, payload)

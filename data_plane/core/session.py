@@ -102,6 +102,13 @@ class SessionInfo:
         if self.on_template is not None:
             self.on_template(self._template_version, template.to_doc())
 
+    @property
+    def template_version(self) -> int:
+        """The template rows name now (written first if the grant changed since)."""
+        if self._template_version == 0 or self._template_for is not self.grant:
+            self._write_template()
+        return self._template_version
+
     def statement_event(self, statement: Statement) -> dict[str, Any]:
         """The compact row of a statement, built directly (the busiest event by far): the same row
         `event` would build, with the fields that are None left to the template's None."""

@@ -81,6 +81,10 @@ class SessionEvidence:
         self.closed = False
 
     @property
+    def events_fd(self) -> int:
+        return self._events_fd
+
+    @property
     def directory(self) -> Path:
         return Path(self._directory)
 

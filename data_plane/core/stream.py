@@ -20,11 +20,12 @@ READ_LIMIT = 1 << 16  # reading pauses while this much is buffered and unread
 
 class Stream(asyncio.Protocol):
     __slots__ = ("_buffer", "_drain_waiter", "_eof", "_error", "_lost", "_read_paused", "_waiter", "_wanted",
-                 "_write_paused", "on_connected", "transport")
+                 "_write_paused", "on_connected", "raw", "transport")
 
     def __init__(self, on_connected: Callable[[Stream], None] | None = None) -> None:
         self.on_connected = on_connected  # a server's stream: called once the connection is made
         self.transport: asyncio.Transport | None = None
+        self.raw: asyncio.Transport | None = None  # the TCP transport under TLS, once start_tls ran
         self._buffer = bytearray()
         self._waiter: asyncio.Future[None] | None = None
         self._wanted = 0
@@ -130,6 +131,7 @@ class Stream(asyncio.Protocol):
                         server_hostname: str | None = None) -> None:
         assert self.transport is not None
         await self.drain()
+        self.raw = self.transport
         self.transport = await asyncio.get_running_loop().start_tls(  # type: ignore[assignment]
             self.transport, self, context, server_side=server_side, server_hostname=server_hostname)
 

@@ -14,7 +14,7 @@ from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from data_plane.core.guardrails import ALLOWED, BLOCK, REQUIRE_APPROVAL, Guardrails, StatementFacts, Verdict
+from data_plane.core.guardrails import ALLOW, ALLOWED, BLOCK, REQUIRE_APPROVAL, Guardrails, StatementFacts, Verdict
 from data_plane.postgres import messages as m
 from data_plane.postgres.classify import Unparsable, classify, fingerprint
 from data_plane.postgres.sqlshape import ACCELERATED as SHAPE_ACCELERATED
@@ -87,6 +87,16 @@ class StatementGuard:
         if by_text:
             self._by_text.put(text, verdict)
         return verdict
+
+
+    def shape_allows(self, text: str, shape: str) -> bool:
+        """Whether every statement of `shape` (as the C lexer made it of `text`) passes with no rule
+        matching, so the C data path may let its repeats through without asking: the verdict was
+        cached by shape (its facts do not depend on literal values) and no rule looks at the text."""
+        if self.guardrails.needs_text or not SHAPE_ACCELERATED or statement_shape(text) != shape:
+            return False
+        cached = self._by_shape.get(shape)
+        return isinstance(cached, Verdict) and cached.action == ALLOW and not cached.matched
 
 
 _guards: dict[str, StatementGuard] = {}

@@ -43,9 +43,11 @@ from data_plane.core.session import SessionInfo, Statement, new_session_id
 from data_plane.core.spool import SessionEvidence
 from data_plane.core.stream import Stream
 from data_plane.postgres import backend as pg_backend
+from data_plane.postgres import fastpath
 from data_plane.postgres import messages as m
 from data_plane.postgres.auth import BackendAuthError
 from data_plane.postgres.catalog import CATALOGS, CatalogUnavailable, describe_query, simple_query_rows
+from data_plane.postgres.fastpath import FastPath
 from data_plane.postgres.framescan import FrameError, FrameTooLarge, scan_frames
 from data_plane.postgres.guard import guard_for, refusal, refused_parse, refused_query, stops
 from data_plane.postgres.masker import LineageUnknown, ResultMasker, ResultPlan
@@ -414,6 +416,11 @@ class PostgresSession:
             await asyncio.wait_for(self.stream.drain(), 5)
 
     def close(self, grant: GrantClaims | None) -> None:
+        if self.relay is not None and self.relay.fast is not None:
+            # The C data path still writes to the connections and the spool: it ends the session first.
+            self.relay.fast_closed = lambda: self.close(grant)
+            self.relay.close_backend()
+            return
         if self.cancel_key is not None:
             self.ctx.registry.drop_cancel_key(self.cancel_key)
         with contextlib.suppress(Exception):
@@ -477,9 +484,10 @@ class _Side(asyncio.Protocol):
 
 
 class Relay:
-    __slots__ = ("backend", "client", "client_tail", "decided", "done", "evidence", "from_server", "guard", "hold",
-                 "lookup", "masker", "max_len", "pending_terminate", "policy_label", "record", "rewritten", "server",
-                 "server_chunk", "server_tail", "session", "standard_strings", "tracker")
+    __slots__ = ("backend", "client", "client_tail", "decided", "done", "evidence", "fast", "fast_closed",
+                 "from_server", "guard", "hold", "lookup", "masker", "max_len", "pending_terminate", "policy_label",
+                 "record", "rewritten", "server", "server_chunk", "server_tail", "session", "standard_strings",
+                 "tracker")
 
     def __init__(self, session: PostgresSession, tracker: StatementTracker,
                  backend: pg_backend.BackendConnection) -> None:
@@ -508,6 +516,8 @@ class Relay:
         self.rewritten: list[tuple[int, int, bytes]] | None = None  # its frames to replace
         self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.pending_terminate: bytes | None = None
+        self.fast: tuple[FastPath, int] | None = None  # (the C data path, its handle) while it relays
+        self.fast_closed: Callable[[], None] | None = None  # the session's close, waiting for the C data path
         # Masking: results pass through the masker; the server stream waits while it looks up lineage.
         self.masker: ResultMasker | None = None
         self.lookup: tuple[str, Any] | None = None
@@ -524,9 +534,19 @@ class Relay:
         self.client, self.server = client.transport, backend.transport
         for transport in (self.client, self.server):
             transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
+        if self.masker is None and self.pending_terminate is None and self.session.ctx.config.fast_path:
+            fast = fastpath.for_loop(self.session.ctx.config.fast_path_workers)
+            if fast is not None and fast.take(self, client, backend):
+                await self.done
+                return
         # Bytes the streams already read belong to the relay now.
-        client_early = client.take_buffered()
-        server_early = backend.take_buffered()
+        self.attach(client.take_buffered(), backend.take_buffered())
+        await self.done
+
+    def attach(self, client_early: bytes, server_early: bytes) -> None:
+        """Relay from here on, starting with what was read already (by the streams during the start,
+        or by the C data path before it handed the session back)."""
+        assert self.client is not None and self.server is not None
         self.client.set_protocol(_Side(self, from_client=True))
         self.server.set_protocol(_Side(self, from_client=False))
         if self.pending_terminate is not None:
@@ -538,9 +558,8 @@ class Relay:
         if self.client.is_closing() or self.server.is_closing():  # one side went away during the start
             self.finish()
         for transport in (self.client, self.server):
-            if not transport.is_closing():
+            if not transport.is_closing() and (transport is self.server or self.hold is None):
                 transport.resume_reading()
-        await self.done
 
     # client → server ---------------------------------------------------------------------------
     def from_client(self, data: bytes) -> None:
@@ -989,13 +1008,23 @@ class Relay:
             return
         if self.done.done():
             return
+        if self.fast is not None:  # the C data path says it, records it and ends the session
+            self.fast[0].terminate(self.fast[1], payload)
+            return
         if self.evidence is not None and not self.evidence.closed:
             self.evidence.record(FROM_GATEWAY, payload)
         with contextlib.suppress(Exception):
             self.client.write(payload)
         self.finish()
 
+    def terminate_fast_failure(self) -> None:
+        self.terminate(m.error_response("XX000", "internal gateway error", severity="FATAL"))
+
     def close_backend(self) -> None:
+        if self.fast is not None:  # the C data path still holds the connections: it closes the session
+            self.terminate(m.error_response("57P01", "terminating connection: the Proctor gateway is shutting down",
+                                            severity="FATAL"))
+            return
         if self.server is not None and not self.server.is_closing():
             with contextlib.suppress(Exception):
                 self.server.write(m.terminate())

@@ -6,7 +6,10 @@ from __future__ import annotations
 
 import struct
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import orjson
 
 from data_plane.core.guardrails import Verdict
 from data_plane.core.redact import might_hold_secret, redact_conninfo, redact_statement
@@ -283,6 +286,33 @@ class StatementTracker:
                 self.on_complete(statement)
             self._copy_in = None
 
+    def restore(self, state: Mapping[str, Any]) -> None:
+        """Carry on where the C data path's tracker stopped (data_plane.postgres.fastpath hands a
+        session back): its prepared statements, portals and groups in flight, as _fastrelay exports
+        them (strings JSON-escaped, as pgtrack.h keeps them)."""
+        for name, query, types in state["prepared"]:
+            self.prepared[name] = m.Parse(name, query, tuple(types))
+            self.judged[name] = (query, None)  # the C path relays no statement a secret could be in
+        for name, statement, bind in state["portals"]:
+            self.portals[name] = (statement, m.parse_bind(bind))
+        groups: list[_Group] = []
+        for doc in state["groups"]:
+            group = _Group(simple=doc["simple"], statements=[_statement(s) for s in doc["statements"]])
+            group.cursor = doc["cursor"]
+            group.failed = doc["failed"]
+            group.parse_text = _unescape(doc["parse_text"])
+            group.described = list(doc["described"]) or None
+            groups.append(group)
+        self.groups = groups
+        self._first = 0
+        opened = state["open"]
+        self._open = (groups[opened] if isinstance(opened, int) else
+                      _Group(simple=False) if opened == "detached" else None)
+        copy = state["copy"]
+        self._copy_in = (groups[copy[0]].statements[copy[1]] if isinstance(copy, tuple) else
+                         Statement("<detached>") if copy == "detached" else None)
+        self._since_tag = state["since_tag"]
+
     def abandon(self, now: float) -> None:
         """The session ended with statements still in flight: they are evidence too."""
         if self.groups:
@@ -301,3 +331,17 @@ class StatementTracker:
         if statement is not None:
             statement.finished_mono = now
             group.cursor += 1
+
+
+def _unescape(escaped: bytes | None) -> str | None:
+    return None if escaped is None else orjson.loads(b'"' + escaped + b'"')
+
+
+def _statement(doc: Mapping[str, Any]) -> Statement:
+    params = doc["parameters"]
+    return Statement(_unescape(doc["text"]) or "", started=doc["started"], started_mono=doc["started_mono"],
+                     parameters=None if params is None else orjson.loads(params),
+                     command_tag=_unescape(doc["command_tag"]),
+                     rows=doc["rows"], bytes=doc["bytes"], sqlstate=_unescape(doc["sqlstate"]),
+                     error=_unescape(doc["error"]), finished_mono=doc["finished_mono"], skipped=doc["skipped"],
+                     kind=doc["kind"])
