@@ -2,8 +2,9 @@
 """Benchmark the PostgreSQL data path in one run, against the same hermetic PostgreSQL of the local
 stack: direct (plaintext TCP, SCRAM) vs pgbouncer (session pooling, plaintext) vs pgbouncer with client
 TLS required vs the Proctor gateway (TLS, full recording), with guardrails and (pgbench, masking) without,
-and under a policy that masks two columns (masking). Prints a table and writes BENCHMARKS.md at the
-repository root.
+and under a policy that masks two columns (masking), and vs a second gateway the script starts with a
+plaintext listener (full recording too: plaintext pgbouncer's like for like). Prints a table and writes
+BENCHMARKS.md at the repository root.
 
     .venv/bin/python scripts/bench_postgres.py [--duration 10] [--quick] [--skip-gateway] [--output FILE]
                                                [--suites pgbench,transfer,masking,connect,idle]
@@ -16,6 +17,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import datetime as dt
 import json
 import math
@@ -51,30 +53,42 @@ from proctor.dev.stack import down, read_state, state_dir, up, write_state  # no
 from proctor.dev.tls import make_ca_and_server_cert  # noqa: E402
 
 # pgbouncer+tls: pgbouncer as above but requiring client TLS, as the gateway does (like-for-like on TLS).
-# gateway: a grant under the seeded policy pipeline-acme-app, which has guardrails; gateway (no guardrails):
-# the same gateway process, a grant under a policy the script creates without any (pgbench and masking
-# suites); gateway (masked): the same again, under a policy without guardrails that masks two columns.
-GATEWAY_PLAIN = "gateway (no guardrails)"
+# gateway: a grant under the seeded policy pipeline-acme-app, which has guardrails; gateway (plaintext): the
+# same kind of grant on a second gateway process the script starts, with the stack gateway's settings but
+# PROCTOR_PG_REQUIRE_TLS=false and clients on sslmode=disable (like-for-like with plaintext pgbouncer);
+# gateway (no guardrails): the stack's gateway process again, a grant under a policy the script creates
+# without any (pgbench and masking suites); gateway (masked): the same again, under a policy without
+# guardrails that masks two columns.
+GATEWAY_PLAINTEXT = "gateway (plaintext)"
+GATEWAY_NO_GUARDRAILS = "gateway (no guardrails)"
 GATEWAY_MASKED = "gateway (masked)"
-PATHS = ("direct", "pgbouncer", "pgbouncer+tls", "gateway", GATEWAY_PLAIN, GATEWAY_MASKED)
+PATHS = ("direct", "pgbouncer", "pgbouncer+tls", "gateway", GATEWAY_PLAINTEXT, GATEWAY_NO_GUARDRAILS, GATEWAY_MASKED)
 SUITES = ("pgbench", "transfer", "masking", "connect", "idle")
 # The paths each suite measures ("—" in the table for the others).
 COMMON_PATHS = ("direct", "pgbouncer", "pgbouncer+tls", "gateway")
-SUITE_PATHS = {"pgbench": (*COMMON_PATHS, GATEWAY_PLAIN), "transfer": COMMON_PATHS,
-               "masking": ("direct", GATEWAY_PLAIN, GATEWAY_MASKED), "connect": COMMON_PATHS, "idle": COMMON_PATHS}
+SUITE_PATHS = {"pgbench": (*COMMON_PATHS, GATEWAY_PLAINTEXT, GATEWAY_NO_GUARDRAILS),
+               "transfer": (*COMMON_PATHS, GATEWAY_PLAINTEXT),
+               "masking": ("direct", GATEWAY_NO_GUARDRAILS, GATEWAY_MASKED),
+               "connect": (*COMMON_PATHS, GATEWAY_PLAINTEXT),
+               "idle": COMMON_PATHS}
 # The policies the script creates through the API, with the same target, backend role and session length as
 # pipeline-acme-app and no guardrails: policy → (the repository claim it matches, its masking rules).
-PLAIN_POLICY = "bench-no-guardrails"
-PLAIN_REPOSITORY = "acme/bench"
+NO_GUARDRAILS_POLICY = "bench-no-guardrails"
+NO_GUARDRAILS_REPOSITORY = "acme/bench"
 MASKED_POLICY = "bench-masked"
 MASKED_REPOSITORY = "acme/bench-masked"
 MASK_RULES = [{"name": "bench-email", "columns": ["*.bench_people.email"], "method": "hash"},
               {"name": "bench-card", "columns": ["*.bench_people.card_number"], "method": "partial", "keep_last": 4}]
-BENCH_POLICIES = {PLAIN_POLICY: (PLAIN_REPOSITORY, []), MASKED_POLICY: (MASKED_REPOSITORY, MASK_RULES)}
+BENCH_POLICIES = {NO_GUARDRAILS_POLICY: (NO_GUARDRAILS_REPOSITORY, []),
+                  MASKED_POLICY: (MASKED_REPOSITORY, MASK_RULES)}
 # gateway path → (the repository claim of its grant's pipeline, run id, the policy the script creates or None)
 GATEWAY_GRANTS = {"gateway": ("acme/app", "bench", None),
-                  GATEWAY_PLAIN: (PLAIN_REPOSITORY, "bench-plain", PLAIN_POLICY),
+                  GATEWAY_NO_GUARDRAILS: (NO_GUARDRAILS_REPOSITORY, "bench-plain", NO_GUARDRAILS_POLICY),
                   GATEWAY_MASKED: (MASKED_REPOSITORY, "bench-masked", MASKED_POLICY)}
+# gateway (plaintext): a grant like the gateway path's (pipeline-acme-app, guardrails), its own run id.
+PLAINTEXT_GRANT = ("acme/app", "bench-plaintext")
+# SIGTERM drains the gateway (PROCTOR_DRAIN_SECONDS) and its shipper flushes the spool (up to 60 s) first.
+PLAINTEXT_GATEWAY_STOP_SECONDS = 90
 NOISY_LOAD = 1.5  # 1-min load average at the start above which the run warns that figures will be noisy
 SSL_REQUEST = struct.pack("!ii", 8, 80877103)
 SELECT_SQL = "SELECT * FROM pgbench_accounts"
@@ -463,8 +477,69 @@ def gateway_endpoint(state: dict[str, Any], name: str, repository: str, run_id: 
     conn = grant["connection"]
     policy = grant.get("policy") or {}
     endpoint = Endpoint(name, conn["host"], int(conn["port"]), conn["user"], grant["token"], "require",
-                        database=conn.get("database") or seed.DEMO_DATABASE, pid=state["pids"]["gateway"])
+                        database=conn.get("database") or seed.DEMO_DATABASE, pid=state["pids"].get("gateway"))
     return endpoint, f"{policy.get('name', '?')} v{policy.get('version', '?')}"
+
+
+@dataclass
+class PlaintextGateway:
+    """The second gateway process: the stack gateway's settings, but its own ports and spool, and no client TLS
+    required. The script starts and stops it; the stack's state does not name it."""
+
+    proc: subprocess.Popen[bytes]
+    port: int
+    admin_port: int
+    spool_dir: Path
+    log: Path
+
+    def stop(self, timeout: float = PLAINTEXT_GATEWAY_STOP_SECONDS) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)  # drains its sessions, its shipper flushes the spool
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.proc.wait(timeout=timeout)
+        # Its own process group (start_new_session): this also ends a shipper child it left behind.
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait()
+
+
+def start_plaintext_gateway(state: dict[str, Any], directory: Path) -> PlaintextGateway:
+    """`python -m data_plane` with proctor.dev.gateway's environment for the stack's gateway, except its ports,
+    its spool and PROCTOR_PG_REQUIRE_TLS=false; back once its /readyz answers 200."""
+    from proctor.dev.gateway import gateway_env, wait_ready
+
+    port = free_port()
+    admin_port = free_port()
+    while admin_port == port:
+        admin_port = free_port()
+    spool_dir = directory / "spool-plaintext"
+    shutil.rmtree(spool_dir, ignore_errors=True)  # a previous run's backlog would be shipped during this one
+    env = gateway_env(directory, state, pg_port=port, admin_port=admin_port) | {
+        "PROCTOR_SPOOL_DIR": str(spool_dir), "PROCTOR_PG_REQUIRE_TLS": "false"}
+    env.pop("_CA_FILE")
+    log_path = directory / "gateway-plaintext.log"
+    with log_path.open("ab") as log_file:
+        proc = subprocess.Popen([sys.executable, "-m", "data_plane"], env=env, stdin=subprocess.DEVNULL,
+                                stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
+    gateway = PlaintextGateway(proc, port, admin_port, spool_dir, log_path)
+    try:
+        wait_ready(admin_port, proc, timeout=60)
+    except BaseException as exc:
+        gateway.stop(timeout=10)  # not ready: there is nothing to drain
+        if not isinstance(exc, Exception):
+            raise
+        tail = log_path.read_text(errors="replace")[-1500:]
+        raise RuntimeError(f"{exc} (log {log_path}):\n{tail}") from None
+    return gateway
+
+
+def plaintext_problem(ep: Endpoint) -> str | None:
+    """Why the endpoint is not the plaintext gateway path it claims to be, or None: SELECT 1 without TLS."""
+    with psycopg.connect(**ep.kwargs()) as conn:
+        conn.execute("SELECT 1").fetchone()
+        if conn.pgconn.ssl_in_use:
+            return f"{ep.name}: the session uses TLS although sslmode={ep.sslmode}"
+    return None
 
 
 # ------------------------------------------------------------------------------------------------
@@ -747,7 +822,7 @@ def run_masking_suite(bench: Bench) -> None:
     gateway_pid = (bench.state.get("pids") or {}).get("gateway")
     settle = (lambda: wait_until_quiet(gateway_pid)) if gateway_pid else None
     runs = (("masked", PEOPLE_SQL, "people", suite_paths("masking")),
-            ("fastpath", SELECT_SQL, "select", (GATEWAY_PLAIN, GATEWAY_MASKED)))
+            ("fastpath", SELECT_SQL, "select", (GATEWAY_NO_GUARDRAILS, GATEWAY_MASKED)))
     for name, sql, payload, paths in runs:
         for path in paths:
             attempt(bench, [f"{name}-wall", f"{name}-mbps"], path, lambda p=path, s=sql, b=payload:
@@ -794,31 +869,36 @@ class Row:
     targets: tuple[Target, ...] = ()
 
 
-# The ratio columns: (top, bottom) → header. gateway/pgbouncer (plaintext) is the issue's target;
-# gateway/pgbouncer+tls compares like for like on TLS; gw/gw-no-guardrails is what guardrails cost;
-# masked/gw-no-masking is what masking costs (gateway (no guardrails) has no masking rules either).
+# The ratio columns: (top, bottom) → header. The issue's target, "gateway with full recording ≥ 1.0x
+# pgbouncer", is evaluated on the two like-for-like pairs: gateway/pgbouncer+tls (both require client TLS)
+# and gw-plain/pgbouncer (both plaintext); gateway/pgbouncer (TLS gateway, plaintext pgbouncer) is shown for
+# information. gw/gw-no-guardrails is what guardrails cost; masked/gw-no-masking is what masking costs
+# (gateway (no guardrails) has no masking rules either).
 RATIOS: dict[tuple[str, str], str] = {
     ("pgbouncer", "direct"): "pgbouncer/direct",
     ("gateway", "direct"): "gateway/direct",
     ("gateway", "pgbouncer"): "gateway/pgbouncer",
     ("gateway", "pgbouncer+tls"): "gateway/pgbouncer+tls",
-    ("gateway", GATEWAY_PLAIN): "gw/gw-no-guardrails",
+    (GATEWAY_PLAINTEXT, "pgbouncer"): "gw-plain/pgbouncer",
+    ("gateway", GATEWAY_NO_GUARDRAILS): "gw/gw-no-guardrails",
     (GATEWAY_MASKED, "direct"): "masked/direct",
-    (GATEWAY_MASKED, GATEWAY_PLAIN): "masked/gw-no-masking",
+    (GATEWAY_MASKED, GATEWAY_NO_GUARDRAILS): "masked/gw-no-masking",
 }
 
 
 def rows(bench: Bench) -> list[Row]:
     """The table's rows, of the suites this run measures."""
     d = bench.args.duration
-    to_pgbouncer: Target = ("gateway/pgbouncer", ">=", 1.0)
-    to_plain: Target = (f"gateway/{GATEWAY_PLAIN}", ">=", 0.9)
+    # "gateway with full recording ≥ 1.0x pgbouncer", like for like: on TLS and in plaintext.
+    to_pgbouncer: tuple[Target, ...] = (("gateway/pgbouncer+tls", ">=", 1.0),
+                                        (f"{GATEWAY_PLAINTEXT}/pgbouncer", ">=", 1.0))
+    to_no_guardrails: Target = (f"gateway/{GATEWAY_NO_GUARDRAILS}", ">=", 0.9)
     return [row for row in [
         Row("pgbench", "pgbench-simple-c1", f"pgbench -S simple, 1 client, {d} s (TPS)", 0),
         Row("pgbench", "pgbench-simple-c8", f"pgbench -S simple, 8 clients, {d} s (TPS)", 0,
-            (to_pgbouncer, to_plain)),
+            (*to_pgbouncer, to_no_guardrails)),
         Row("pgbench", "pgbench-prepared-c1", f"pgbench -S prepared, 1 client, {d} s (TPS)", 0),
-        Row("pgbench", "pgbench-prepared-c8", f"pgbench -S prepared, 8 clients, {d} s (TPS)", 0, (to_pgbouncer,)),
+        Row("pgbench", "pgbench-prepared-c8", f"pgbench -S prepared, 8 clients, {d} s (TPS)", 0, to_pgbouncer),
         Row("transfer", "select-wall", "1M-row SELECT, wall time (s)", 2),
         Row("transfer", "select-mbps", "1M-row SELECT (MB/s)", 1, (("gateway/direct", ">=", 0.8),)),
         Row("transfer", "copy-wall", "COPY OUT 1M rows, wall time (s)", 2),
@@ -828,7 +908,7 @@ def rows(bench: Bench) -> list[Row]:
             ((f"{GATEWAY_MASKED}/direct", ">=", 0.5),)),
         Row("masking", "fastpath-wall", "1M-row SELECT, no masked column, wall time (s)", 2),
         Row("masking", "fastpath-mbps", "1M-row SELECT, no masked column (MB/s)", 1,
-            ((f"{GATEWAY_MASKED}/{GATEWAY_PLAIN}", ">=", 0.9),)),
+            ((f"{GATEWAY_MASKED}/{GATEWAY_NO_GUARDRAILS}", ">=", 0.9),)),
         Row("connect", "connect-p50", "connect + SELECT 1 + close, p50 (ms)", 2),
         Row("connect", "connect-p99", "connect + SELECT 1 + close, p99 (ms)", 2),
         Row("idle", "idle-kib", f"RSS per idle session, {bench.args.idle_sessions} sessions (KiB)", 1,
@@ -963,11 +1043,11 @@ def parameters(bench: Bench) -> list[str]:
          f"MB/s = {payload.get('people', 0):,} bytes of the clear result's DataRow messages "
          f"({payload.get('people-rows', 0):,} rows) / wall time on every path (the masked result is larger on the "
          "wire: a 34-character hash for each e-mail), so the MB/s ratios are the inverse of the wall-time ratios; "
-         f"measured on direct, {GATEWAY_PLAIN} (the same gateway, no masking rules: the fair comparison) and "
+         f"measured on direct, {GATEWAY_NO_GUARDRAILS} (the same gateway, no masking rules: the fair comparison) and "
          f"{GATEWAY_MASKED}; target masked/direct ≥ 0.5x"),
         ("masking", f"no masked column: `{SELECT_SQL}` ({payload.get('select', 0):,} bytes of DataRows) on "
-         f"{GATEWAY_MASKED} (a masking grant, a result with no masked column: the fast path) and {GATEWAY_PLAIN}, "
-         f"as above; target masked/gw-no-masking ≥ 0.9x"),
+         f"{GATEWAY_MASKED} (a masking grant, a result with no masked column: the fast path) and "
+         f"{GATEWAY_NO_GUARDRAILS}, as above; target masked/gw-no-masking ≥ 0.9x"),
         ("masking", "sanity check before measuring: one row of "
          f"`{PEOPLE_CHECK_SQL}` must come back masked through {GATEWAY_MASKED} (e-mail `h:…`, card number "
          f"`*…{TEST_CARD[-4:]}`) and clear directly, otherwise the suite records an error instead of figures"),
@@ -987,24 +1067,45 @@ def parameters(bench: Bench) -> list[str]:
         f"`client_tls_cert_file`/`client_tls_key_file` = {bench.pgbouncer_tls_source or 'the gateway certificate'}, "
         "TLS protocols and ciphers at pgbouncer's defaults; clients use `sslmode=require` (no certificate "
         "verification, as for the gateway); pgbouncer to PostgreSQL stays plaintext",
-        "gateway: the local stack's gateway (`proctor dev up`) with its default full recording, "
-        "`sslmode=require` (the gateway terminates client TLS, as pgbouncer+tls does; direct and pgbouncer are "
-        "plaintext), user = grant id, password = grant JWT; the grant of a pipeline token (`repository: "
+        "gateway: the local stack's gateway (`proctor dev up`) with its default full recording and its default "
+        "`PROCTOR_PG_REQUIRE_TLS=true`, `sslmode=require` (the gateway terminates client TLS, as pgbouncer+tls "
+        "does), user = grant id, password = grant JWT; the grant of a pipeline token (`repository: "
         f"acme/app`), issued under the seeded policy {bench.grant_policies.get('gateway', 'pipeline-acme-app')} "
         f"with its {len(seed.PIPELINE_GUARDRAILS)} guardrails: {rules}",
-        f"{GATEWAY_PLAIN}: the same gateway process and settings, the grant of a pipeline token (`repository: "
-        f"{PLAIN_REPOSITORY}`), issued under {bench.grant_policies.get(GATEWAY_PLAIN, PLAIN_POLICY)}, a policy "
-        f"the script creates through the API as an admin with the same target (`{seed.DEMO_TARGET}`), backend "
-        f"role (`{seed.ROLE_RW}`) and `max_session_seconds` (3600) and no guardrails (nor masking rules), so no "
+        f"{GATEWAY_PLAINTEXT}: a second gateway process the script starts once the stack is up (`python -m "
+        "data_plane`, the environment proctor.dev.gateway gives the stack's gateway: the same control plane, "
+        "buckets, certificate and settings, full recording) except its own listen and admin ports, its own spool "
+        "(`<state dir>/spool-plaintext`) and `PROCTOR_PG_REQUIRE_TLS=false`; clients use `sslmode=disable` "
+        "(checked: the session does not use TLS), as for direct and pgbouncer; a grant like the gateway's "
+        f"(`repository: acme/app`, run id `{PLAINTEXT_GRANT[1]}`, under "
+        f"{bench.grant_policies.get(GATEWAY_PLAINTEXT, 'pipeline-acme-app')}, the same guardrails) with the "
+        "connection pointed at this process; its CPU figures are its own process's; stopped (SIGTERM, SIGKILL "
+        f"after {PLAINTEXT_GATEWAY_STOP_SECONDS} s) before the stack; measured in the pgbench, transfer and "
+        "connect suites (— elsewhere); gw-plain/pgbouncer = gateway (plaintext) ÷ pgbouncer",
+        f"{GATEWAY_NO_GUARDRAILS}: the stack's gateway process and settings again (TLS), the grant of a pipeline "
+        f"token (`repository: {NO_GUARDRAILS_REPOSITORY}`), issued under "
+        f"{bench.grant_policies.get(GATEWAY_NO_GUARDRAILS, NO_GUARDRAILS_POLICY)}, a policy the script creates "
+        f"through the API as an admin with the same target (`{seed.DEMO_TARGET}`), backend role "
+        f"(`{seed.ROLE_RW}`) and `max_session_seconds` (3600) and no guardrails (nor masking rules), so no "
         "statement is parsed; measured in the pgbench and masking suites only (— elsewhere); gw/gw-no-guardrails "
         "= gateway ÷ gateway (no guardrails), what the guardrails cost",
-        f"{GATEWAY_MASKED}: the same gateway process and settings, the grant of a pipeline token (`repository: "
-        f"{MASKED_REPOSITORY}`), issued under {bench.grant_policies.get(GATEWAY_MASKED, MASKED_POLICY)}, a policy "
-        f"the script creates like {PLAIN_POLICY} (no guardrails) with the masking rules above; measured in the "
-        f"masking suite only (— elsewhere); masked/gw-no-masking = {GATEWAY_MASKED} ÷ {GATEWAY_PLAIN}, what "
-        "masking costs",
+        f"{GATEWAY_MASKED}: the stack's gateway process and settings again (TLS), the grant of a pipeline token "
+        f"(`repository: {MASKED_REPOSITORY}`), issued under "
+        f"{bench.grant_policies.get(GATEWAY_MASKED, MASKED_POLICY)}, a policy the script creates like "
+        f"{NO_GUARDRAILS_POLICY} (no guardrails) with the masking rules above; measured in the masking suite only "
+        f"(— elsewhere); masked/gw-no-masking = {GATEWAY_MASKED} ÷ {GATEWAY_NO_GUARDRAILS}, what masking costs",
         "everything (clients, pgbouncer, gateway, PostgreSQL, moto) shares the same cores",
     ]
+
+
+LIKE_FOR_LIKE = """The gateway requires client TLS by default and terminates it; pgbouncer is measured in plaintext, so
+gateway/pgbouncer (shown for information) includes the cost of client TLS on one side only. The target,
+the gateway with full recording ≥ 1.0x pgbouncer, is evaluated on the two like-for-like pairs:
+gateway/pgbouncer+tls (both require client TLS) and gw-plain/pgbouncer (both plaintext). The plaintext
+listener (`PROCTOR_PG_REQUIRE_TLS=false`) is a supported configuration — e.g. behind a load balancer (NLB)
+that terminates TLS, or inside a trusted network — not the default, and gateway (plaintext) is measured only
+to compare like with like. Both gateways record everything: the same recording, guardrails and shipping;
+only client TLS differs."""
 
 
 def render_report(bench: Bench) -> str:
@@ -1015,10 +1116,13 @@ def render_report(bench: Bench) -> str:
     return scrub(f"""# PostgreSQL data path benchmarks
 
 Direct vs pgbouncer (session pooling) vs pgbouncer with client TLS vs the Proctor gateway (TLS, full
-recording) with guardrails, without (pgbench, masking) and with masking rules (masking), one run against the
-same hermetic PostgreSQL.
+recording) with guardrails, without (pgbench, masking) and with masking rules (masking), and vs a second
+gateway with a plaintext listener (full recording, guardrails; pgbench, transfer, connect), one run against
+the same hermetic PostgreSQL.
 Generated by `{command.strip()}`; ratios are path ÷ path of the figure as shown (for TPS and MB/s above 1x
 is faster, for times and latencies above 1x is slower).
+
+{LIKE_FOR_LIKE}
 
 {render_table(bench)}
 
@@ -1161,6 +1265,38 @@ def prepare_gateway(bench: Bench) -> None:
         log(f"{name}: grant under policy {policy}")
 
 
+def prepare_plaintext_gateway(bench: Bench, directory: Path, started: list[PlaintextGateway]) -> None:
+    """Start the second gateway (plaintext listener) and get it a grant like the gateway path's, pointed at it."""
+    if GATEWAY_PLAINTEXT in bench.unavailable:  # not measured by this run's suites
+        return
+    if bench.args.skip_gateway:
+        bench.unavailable[GATEWAY_PLAINTEXT] = "skipped (--skip-gateway)"
+        return
+    log(f"starting {GATEWAY_PLAINTEXT}: a second gateway process, PROCTOR_PG_REQUIRE_TLS=false")
+    try:
+        gateway = start_plaintext_gateway(bench.state, directory)
+    except Exception as exc:  # the other paths are still worth measuring
+        bench.unavailable[GATEWAY_PLAINTEXT] = scrub(f"did not start: {type(exc).__name__}: {exc}")
+        print(f"!! {GATEWAY_PLAINTEXT} not benchmarked: {bench.unavailable[GATEWAY_PLAINTEXT]}", flush=True)
+        return
+    started.append(gateway)
+    log(f"{GATEWAY_PLAINTEXT}: pid {gateway.proc.pid}, 127.0.0.1:{gateway.port}, admin port {gateway.admin_port}")
+    try:
+        endpoint, policy = gateway_endpoint(bench.state, GATEWAY_PLAINTEXT, *PLAINTEXT_GRANT)
+        endpoint = dataclasses.replace(endpoint, host="127.0.0.1", port=gateway.port, sslmode="disable",
+                                       pid=gateway.proc.pid)
+        problem = plaintext_problem(endpoint)
+    except Exception as exc:  # a missing grant or a refused session is a reason to report, not to abort
+        problem = f"{type(exc).__name__}: {exc}"
+    if problem is not None:
+        bench.unavailable[GATEWAY_PLAINTEXT] = scrub(problem)
+        print(f"!! {GATEWAY_PLAINTEXT} not benchmarked: {bench.unavailable[GATEWAY_PLAINTEXT]}", flush=True)
+        return
+    bench.endpoints[GATEWAY_PLAINTEXT] = endpoint
+    bench.grant_policies[GATEWAY_PLAINTEXT] = policy
+    log(f"{GATEWAY_PLAINTEXT}: grant under policy {policy}, SELECT 1 without TLS answered")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     raise_open_files_limit(args.idle_sessions * 2 + 256)
@@ -1179,20 +1315,24 @@ def main(argv: list[str] | None = None) -> int:
     if bench.load_at_start[0] > 1.0:  # other work on the machine skews every figure
         bench.notes.append(f"the machine was busy at the start (1-min load {bench.load_at_start[0]:.2f} on "
                            f"{os.cpu_count()} cores): expect noise")
-    bench.notes.append("the gateway requires client TLS (it terminates it) while direct and pgbouncer are measured "
-                       "in plaintext, so gateway/direct and gateway/pgbouncer include the cost of client TLS; the "
-                       "pgbouncer+tls column (the same pgbouncer, client TLS required) is there to compare like "
-                       "for like: gateway/pgbouncer+tls. The target stays gateway/pgbouncer (plaintext)")
+    bench.notes.append("the gateway requires client TLS by default (it terminates it) while direct and pgbouncer are "
+                       "measured in plaintext, so gateway/direct and gateway/pgbouncer include the cost of client "
+                       "TLS; two pairs compare like for like: gateway/pgbouncer+tls (pgbouncer with client TLS "
+                       f"required) and gw-plain/pgbouncer ({GATEWAY_PLAINTEXT}: a second gateway process with "
+                       "PROCTOR_PG_REQUIRE_TLS=false, a supported configuration behind a TLS-terminating NLB or "
+                       "inside a trusted network, measured only for this comparison; it records everything, as the "
+                       "gateway does). The target gateway ≥ 1.0x pgbouncer is evaluated on both pairs; "
+                       "gateway/pgbouncer is information")
     if "pgbench" in args.suites:
-        bench.notes.append(f"gateway and {GATEWAY_PLAIN} are the same gateway process, two grants: under the seeded "
-                           f"policy pipeline-acme-app ({len(seed.PIPELINE_GUARDRAILS)} guardrails) and under "
-                           f"{PLAIN_POLICY} (none); gw/gw-no-guardrails is what the guardrails cost. pgbench -S "
-                           "simple sends a new literal every time, so it measures the verdict cache by statement "
-                           f"shape; {GATEWAY_PLAIN} is measured in the pgbench and masking suites only (— in the "
-                           "other rows)")
+        bench.notes.append(f"gateway and {GATEWAY_NO_GUARDRAILS} are the same gateway process, two grants: under the "
+                           f"seeded policy pipeline-acme-app ({len(seed.PIPELINE_GUARDRAILS)} guardrails) and under "
+                           f"{NO_GUARDRAILS_POLICY} (none); gw/gw-no-guardrails is what the guardrails cost. "
+                           "pgbench -S simple sends a new literal every time, so it measures the verdict cache by "
+                           f"statement shape; {GATEWAY_NO_GUARDRAILS} is measured in the pgbench and masking suites "
+                           f"only (— in the other rows); {GATEWAY_PLAINTEXT} has the gateway's guardrails")
     if "masking" in args.suites:
         bench.notes.append(f"{GATEWAY_MASKED} is the same gateway process again, a grant under {MASKED_POLICY} (no "
-                           f"guardrails, {len(MASK_RULES)} masking rules); {GATEWAY_PLAIN} (no guardrails, no "
+                           f"guardrails, {len(MASK_RULES)} masking rules); {GATEWAY_NO_GUARDRAILS} (no guardrails, no "
                            "masking rules) is the gateway without masking, so masked/gw-no-masking is what masking "
                            "costs: on two masked columns, and on a result with none (the fast path); masked/direct "
                            "includes the gateway's own cost (client TLS, recording) as well")
@@ -1201,16 +1341,21 @@ def main(argv: list[str] | None = None) -> int:
         bench.notes.append(f"suites run: {', '.join(args.suites)}; not run (--suites): {', '.join(skipped)}")
     mark_unmeasured_paths(bench)
     bouncers: list[PgBouncer] = []
+    plaintext_gateways: list[PlaintextGateway] = []
     try:
         prepare(bench, directory)
         prepare_pgbouncer(bench, "pgbouncer", directory, bouncers)
         prepare_pgbouncer(bench, "pgbouncer+tls", directory, bouncers)
         prepare_gateway(bench)
+        prepare_plaintext_gateway(bench, directory, plaintext_gateways)
         gateways = [p for p in GATEWAY_GRANTS if p in bench.endpoints][:1]  # one process: one is enough
         tls_paths = [p for p in ("pgbouncer+tls", *gateways) if p in bench.endpoints]
         if tls_paths:
             bench.notes.append("client TLS negotiated (psql `\\conninfo`, sslmode=require): " + "; ".join(
                 f"{p} {negotiated_tls(bench.endpoints[p])}" for p in tls_paths))
+        if GATEWAY_PLAINTEXT in bench.endpoints:
+            bench.notes.append(f"{GATEWAY_PLAINTEXT}: no client TLS (sslmode=disable; checked before measuring: a "
+                               "session that answered SELECT 1 without TLS)")
         bench.notes += [f"{path} not measured: {why}" for path, why in bench.unavailable.items()]
         if bench.grant_policies:
             bench.notes.append("grants: " + "; ".join(f"{path} under policy {policy}"
@@ -1225,6 +1370,9 @@ def main(argv: list[str] | None = None) -> int:
         if busy_warning:
             print(busy_warning, flush=True)  # again, so that it is next to the figures
     finally:
+        for gateway in plaintext_gateways:  # before `down`: its shipper flushes to the stack's moto
+            log(f"stopping {GATEWAY_PLAINTEXT} (pid {gateway.proc.pid})")
+            gateway.stop()
         for bouncer in bouncers:
             bouncer.stop()
         with contextlib.suppress(Exception):
