@@ -721,13 +721,29 @@ async def idle_session_cost(bench: Bench, ep: Endpoint, count: int) -> Figure:
 # ------------------------------------------------------------------------------------------------
 
 
+def settle(bench: Bench) -> float:
+    """Before each measurement, whatever path it measures: wait until the gateways (with their shippers)
+    and the stack's supervisor (moto, which stores what they ship) are quiet, so work left over from the
+    previous run (a gateway records and ships what it relayed for seconds after) slows no other path."""
+    pids = [pid for name, pid in (bench.state.get("pids") or {}).items() if name != "postgres" and pid]
+    plaintext = bench.endpoints.get(GATEWAY_PLAINTEXT)
+    if plaintext is not None and plaintext.pid:
+        pids.append(plaintext.pid)
+    started = time.monotonic()
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            wait_until_quiet(pid)
+    return time.monotonic() - started
+
+
 def attempt(bench: Bench, keys: list[str], path: str, run: Callable[[], Figure | tuple[Figure, ...]]) -> None:
     """One measurement of one path: a failure becomes the table cell, never the end of the run."""
     if path in bench.unavailable:
         for key in keys:
             bench.record(key, path, Figure(error="unavailable"))
         return
-    log(f"{keys[0]} via {path}")
+    waited = settle(bench)
+    log(f"{keys[0]} via {path}" + (f" (after {waited:.1f} s for the gateways to go quiet)" if waited >= 1 else ""))
     try:
         figures = run()
     except Exception as exc:  # every failure is a result to report

@@ -508,25 +508,25 @@ ep_flush(endpoint *e)
     for (;;) {
         size_t pending = fb_len(&e->out);
         if (pending == 0 && e->ssl != NULL && BIO_ctrl_pending(e->wbio) > 0) {
-            /* TLS records straight from the BIO; only what the socket does not take is copied */
-            char *data;
-            long avail = BIO_get_mem_data(e->wbio, &data);
+            /* TLS records through the worker's scratch (a BIO_reset would clear the whole BIO buffer) */
+            unsigned char *buf = e->s->w->scratch;
+            int got = BIO_read(e->wbio, buf, (int)sizeof e->s->w->scratch);
             ssize_t n;
-            if (avail <= 0)
+            if (got <= 0)
                 return -1;
             do {
-                n = write(e->fd, data, (size_t)avail);
+                n = write(e->fd, buf, (size_t)got);
             } while (n < 0 && errno == EINTR);
             if (n < 0 && errno != EAGAIN && errno != EWOULDBLOCK)
                 return -1;
             if (n < 0)
                 n = 0;
-            if (n < avail && fb_append(&e->out, data + n, (size_t)(avail - n)) < 0)
-                return -1;
-            (void)BIO_reset(e->wbio);
-            pending = fb_len(&e->out);
-            if (pending == 0)
-                return 0;
+            if (n < got) {
+                if (fb_append(&e->out, buf + n, (size_t)(got - n)) < 0)
+                    return -1;
+                return 0; /* the socket is full: EPOLLOUT resumes */
+            }
+            continue;
         }
         if (pending == 0)
             return 0;
