@@ -783,9 +783,44 @@ def run_pgbench_suite(bench: Bench) -> None:
     for protocol in ("simple", "prepared"):
         for clients, threads in ((1, 1), (8, 2)):
             key = f"pgbench-{protocol}-c{clients}"
-            for path in suite_paths("pgbench"):
-                attempt(bench, [key], path, lambda p=path, pr=protocol, c=clients, t=threads:
-                        pgbench_tps(bench.endpoints[p], pr, c, t, duration))
+            attempt_rounds(bench, key, suite_paths("pgbench"), lambda p, pr=protocol, c=clients, t=threads:
+                           pgbench_tps(bench.endpoints[p], pr, c, t, duration))
+
+
+def attempt_rounds(bench: Bench, key: str, paths: tuple[str, ...], run: Callable[[str], Figure]) -> None:
+    """`--rounds` interleaved rounds over the paths, each round starting one path later (no path always runs
+    right after the same one), and the median of each path's runs: on shared cores one run of each path, in a
+    fixed order, measures the machine's mood as much as the path."""
+    rounds = bench.args.rounds
+    runs: dict[str, list[Figure]] = {path: [] for path in paths}
+    errors: dict[str, str] = {}
+    for number in range(rounds):
+        shift = number % len(paths)
+        for path in paths[shift:] + paths[:shift]:
+            if path in bench.unavailable or path in errors:
+                continue
+            waited = settle(bench)
+            log(f"{key} via {path}, round {number + 1}/{rounds}"
+                + (f" (after {waited:.1f} s for the gateways to go quiet)" if waited >= 1 else ""))
+            try:
+                figure = run(path)
+            except Exception as exc:  # every failure is a result to report
+                errors[path] = scrub(f"{type(exc).__name__}: {exc}".strip())
+                print(f"   failed: {errors[path]}", flush=True)
+                continue
+            runs[path].append(figure)
+            print(f"   {key}: {figure.value:.2f}" + (f"  ({scrub(figure.note)})" if figure.note else ""), flush=True)
+    for path in paths:
+        if path in bench.unavailable:
+            bench.record(key, path, Figure(error="unavailable"))
+        elif path in errors:
+            bench.record(key, path, Figure(error=errors[path]))
+        else:
+            ordered = sorted(runs[path], key=lambda f: f.value or 0.0)
+            middle = ordered[(len(ordered) - 1) // 2]
+            spread = ", ".join(f"{f.value:,.0f}" for f in runs[path])
+            bench.record(key, path, Figure(middle.value, note=f"median of {len(ordered)} interleaved runs "
+                                                                f"({spread}); median run: {middle.note}"))
 
 
 def run_transfer_suite(bench: Bench) -> None:
@@ -1035,7 +1070,8 @@ def parameters(bench: Bench) -> list[str]:
     by_suite = [
         ("pgbench", f"pgbench: `pgbench -n -S --protocol={{simple,prepared}} -c 1 -j 1` and `-c 8 -j 2`, "
          f"`-T {a.duration}`, scale {a.scale} (`pgbench -i -s {a.scale} -I dtGvp` as `app_rw`); one unrecorded "
-         "warm-up run first (direct); every path in turn for each protocol and client count"),
+         f"warm-up run first (direct); for each protocol and client count, {a.rounds} interleaved rounds over the "
+         "paths, each round starting one path later, and the median run of each path"),
         ("pgbench", "pgbench -S sends `SELECT abalance FROM pgbench_accounts WHERE aid = <random>`: with "
          "`--protocol=simple` every Query carries a new literal, so no two query texts are alike and the gateway "
          "with guardrails exercises its verdict cache by statement shape (literals stripped: one lookup, not a "
@@ -1179,7 +1215,9 @@ def suite_list(value: str) -> tuple[str, ...]:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--duration", type=int, default=10, help="seconds per pgbench run (default 10)")
+    parser.add_argument("--duration", type=int, default=5, help="seconds per pgbench run (default 5)")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="interleaved rounds of pgbench runs over the paths, median reported (default 3)")
     parser.add_argument("--quick", action="store_true",
                         help="smoke run: 3 s pgbench runs, 200 idle sessions, one run per transfer and masking SELECT")
     parser.add_argument("--skip-gateway", action="store_true",
@@ -1195,7 +1233,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help=f"comma-separated suites to run, among {','.join(SUITES)} (default: all)")
     args = parser.parse_args(argv)
     if args.quick:
-        args.duration, args.idle_sessions, args.repeat = 3, 200, 1
+        args.duration, args.idle_sessions, args.repeat, args.rounds = 3, 200, 1, 1
     return args
 
 
