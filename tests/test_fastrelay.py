@@ -1,0 +1,149 @@
+"""The C data path's engine on its own, over socket pairs (plaintext both sides): what it relays, records
+and writes as evidence, and the three ways it talks to Python (judge, eject, terminate)."""
+
+from __future__ import annotations
+
+import os
+import select
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+
+from data_plane.core.recording import FROM_CLIENT, FROM_GATEWAY, FROM_SERVER, RecordingWriter, genesis, read_records
+from data_plane.postgres import messages as m
+
+_fastrelay = pytest.importorskip("data_plane.postgres._fastrelay")
+
+SESSION = "s-fastrelay-test"
+
+
+def answer(tag: str, *rows: bytes) -> bytes:
+    """A result as PostgreSQL sends it: RowDescription, DataRows, CommandComplete, ReadyForQuery."""
+    description = m.frame(b"T", b"\x00\x01" + m.cstring("c") + b"\x00" * 6 + b"\x00\x00\x00\x19" + b"\xff\xff"
+                          + b"\xff\xff\xff\xff" + b"\x00\x00")
+    return description + b"".join(m.data_row([row]) for row in rows) + m.frame(b"C", m.cstring(tag)) + \
+        m.ready_for_query(b"I")
+
+
+class Harness:
+    def __init__(self, tmp: Path, shapes: Any = None) -> None:
+        self.engine = _fastrelay.Engine(workers=1)
+        self.client, client_gw = socket.socketpair()
+        self.server, server_gw = socket.socketpair()
+        self.gateway_ends = (client_gw, server_gw)
+        for end in self.gateway_ends:
+            end.setblocking(False)
+        self.recording = RecordingWriter(tmp / "recording.bin", SESSION)
+        self.events_path = tmp / "events.jsonl"
+        self.events_fd = os.open(self.events_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        self.handle = self.engine.adopt(
+            client_fd=client_gw.fileno(), client_ssl=None, client_early=b"", server_fd=server_gw.fileno(),
+            server_ssl=None, server_early=b"", recording_fd=self.recording.fd, prev_hash=self.recording.prev_hash,
+            seq=self.recording.seq, recording_bytes=0, next_sync=self.recording.next_sync, fsync_interval=1.0,
+            events_fd=self.events_fd, events_seq=1, template_version=1, record_parameters=True, max_len=1 << 20,
+            shapes=shapes, standard_strings=True, context=None)
+        self.tmp = tmp
+
+    def completions(self, timeout: float = 5.0) -> list[tuple[Any, ...]]:
+        ready, _, _ = select.select([self.engine.fileno()], [], [], timeout)
+        assert ready, "no completion from the relay thread"
+        return self.engine.completions()
+
+    def events(self) -> list[dict[str, Any]]:
+        return [orjson.loads(line) for line in self.events_path.read_bytes().splitlines()]
+
+    def records(self, state: dict[str, Any]) -> list[Any]:
+        self.recording.resume_from(state["prev_hash"], state["seq"], state["recording_bytes"], state["next_sync"])
+        return list(read_records((self.tmp / "recording.bin").read_bytes(), genesis(SESSION)))
+
+    def close(self) -> None:
+        for sock in (self.client, self.server, *self.gateway_ends):
+            sock.close()
+        os.close(self.events_fd)
+        self.recording.close()
+
+
+def recv_exactly(sock: socket.socket, size: int) -> bytes:
+    data = b""
+    sock.settimeout(5)
+    while len(data) < size:
+        chunk = sock.recv(size - len(data))
+        assert chunk, "connection closed early"
+        data += chunk
+    return data
+
+
+@pytest.fixture
+def harness(tmp_path: Path) -> Iterator[Harness]:
+    h = Harness(tmp_path)
+    yield h
+    h.close()
+
+
+def test_relays_records_and_writes_the_statement_row(harness: Harness) -> None:
+    query = m.query("SELECT 1")
+    harness.client.sendall(query)
+    assert recv_exactly(harness.server, len(query)) == query
+    result = answer("SELECT 1", b"1")
+    harness.server.sendall(result)
+    assert recv_exactly(harness.client, len(result)) == result
+    harness.client.sendall(m.terminate())
+    harness.client.shutdown(socket.SHUT_WR)
+    (kind, handle, _, state), = harness.completions()
+    assert (kind, handle, state["state"]) == ("done", harness.handle, "done")
+    assert (state["statements"], state["bytes_in"], state["bytes_out"]) == (1, len(query) + 5, len(result))
+    records = harness.records(state)  # the chain verifies
+    assert [(r.direction, r.payload) for r in records[:2]] == [(FROM_CLIENT, query), (FROM_SERVER, result)]
+    (row,) = harness.events()
+    assert row["statement"] == "SELECT 1" and row["command_tag"] == "SELECT 1" and row["rows"] == 1
+    assert (row["seq"], row["tv"], row["status"], row["bytes"]) == (2, 1, "Success", len(result))
+
+
+def test_a_function_call_hands_the_session_back_with_what_it_did_not_relay(harness: Harness) -> None:
+    query = m.query("SELECT 2")
+    harness.client.sendall(query)
+    recv_exactly(harness.server, len(query))
+    function_call = m.frame(b"F", b"\x00\x00\x04\xd2\x00\x00\x00\x00\x00\x00")
+    harness.client.sendall(function_call)  # while SELECT 2 is still in flight
+    (kind, _, _, state), = harness.completions()
+    assert (kind, state["client_pending"]) == ("ejected", function_call)
+    (group,) = state["tracker"]["groups"]
+    assert group["simple"] and group["statements"][0]["text"] == b"SELECT 2"
+    assert harness.events() == []  # the statement is Python's to finish now
+
+
+def test_a_new_shape_is_judged_then_passes_for_good(tmp_path: Path) -> None:
+    shapes = _fastrelay.ShapeSet()
+    harness = Harness(tmp_path, shapes)
+    try:
+        first = m.query("SELECT abalance FROM accounts WHERE aid = 17")
+        harness.client.sendall(first)
+        (kind, handle, _, msg_type, body, shape), = harness.completions()
+        assert (kind, msg_type, body) == ("judge", 0x51, first[5:])
+        assert shape == b"SELECT abalance FROM accounts WHERE aid = ?"
+        assert shapes.add(shape) and shapes.contains(shape) and len(shapes) == 1
+        harness.engine.judged(handle, True)
+        assert recv_exactly(harness.server, len(first)) == first
+        harness.server.sendall(answer("SELECT 1", b"5"))
+        recv_exactly(harness.client, len(answer("SELECT 1", b"5")))
+        again = m.query("SELECT abalance FROM accounts WHERE aid = 90210")
+        harness.client.sendall(again)
+        assert recv_exactly(harness.server, len(again)) == again  # no judge this time
+        assert not select.select([harness.engine.fileno()], [], [], 0.2)[0]
+    finally:
+        harness.close()
+
+
+def test_terminate_sends_the_final_message_records_it_and_ends(harness: Harness) -> None:
+    fatal = m.error_response("57P01", "terminating connection: the grant was revoked", severity="FATAL")
+    harness.engine.terminate(harness.handle, fatal)
+    assert recv_exactly(harness.client, len(fatal)) == fatal
+    (kind, _, _, state), = harness.completions()
+    assert kind == "done"
+    assert recv_exactly(harness.server, 5) == m.terminate()  # the backend hears Terminate
+    records = harness.records(state)
+    assert [(r.direction, r.payload) for r in records] == [(FROM_GATEWAY, fatal)]
