@@ -546,6 +546,13 @@ ep_flush(endpoint *e)
     }
 }
 
+/* Bytes for the socket not yet written: the out buffer and, with TLS, the records still in the BIO. */
+static size_t
+unsent(endpoint *e)
+{
+    return fb_len(&e->out) + (e->ssl != NULL ? BIO_ctrl_pending(e->wbio) : 0);
+}
+
 static int
 ep_send(endpoint *e, const unsigned char *p, size_t n)
 {
@@ -598,13 +605,13 @@ update_interest(Worker *w, session *s)
     uint32_t cmask = 0, bmask = 0;
     if (s->state == DONE || s->state == EJECTED)
         return;
-    if (s->state == RUN && !s->c.eof && fb_len(&s->b.out) < HIGH_WATER)
+    if (s->state == RUN && !s->c.eof && unsent(&s->b) < HIGH_WATER)
         cmask |= EPOLLIN;
-    if ((s->state == RUN || s->state == JUDGING) && !s->b.eof && fb_len(&s->c.out) < HIGH_WATER)
+    if ((s->state == RUN || s->state == JUDGING) && !s->b.eof && unsent(&s->c) < HIGH_WATER)
         bmask |= EPOLLIN;
-    if (fb_len(&s->c.out))
+    if (unsent(&s->c))
         cmask |= EPOLLOUT;
-    if (fb_len(&s->b.out))
+    if (unsent(&s->b))
         bmask |= EPOLLOUT;
     /* a registered fd with nothing wanted stays registered: EPOLLRDHUP-less, no events */
     set_mask(w, &s->c, cmask ? cmask : EPOLLET);
@@ -1189,14 +1196,14 @@ on_event(Worker *w, endpoint *e, uint32_t events)
             return;
         if (e->eof) {
             /* the client left (Terminate was relayed, or it vanished), or the backend closed */
-            if (fb_len(&other->out) == 0) {
+            if (unsent(other) == 0) {
                 finish(w, s, NULL);
                 return;
             }
             s->state = CLOSING;
         }
     }
-    if (s->state == CLOSING && fb_len(&s->c.out) == 0 && fb_len(&s->b.out) == 0) {
+    if (s->state == CLOSING && unsent(&s->c) == 0 && unsent(&s->b) == 0) {
         finish(w, s, NULL);
         return;
     }
@@ -1245,7 +1252,7 @@ resume(Worker *w, session *s)
         return;
     if (s->c.eof || s->b.eof) {
         endpoint *other = s->c.eof ? &s->b : &s->c;
-        if (fb_len(&other->out) == 0) {
+        if (unsent(other) == 0) {
             finish(w, s, NULL);
             return;
         }
@@ -1300,7 +1307,7 @@ run_commands(Worker *w)
                 ep_send(&s->c, cmd->payload, cmd->len);
                 snprintf(s->reason, sizeof s->reason, "terminated");
                 s->c.eof = 1; /* read nothing more from the client */
-                if (fb_len(&s->c.out) == 0)
+                if (unsent(&s->c) == 0)
                     finish(w, s, NULL);
                 else {
                     s->state = CLOSING;
