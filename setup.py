@@ -11,11 +11,11 @@ setup(
         Extension("data_plane.postgres._rowmask", ["data_plane/postgres/_rowmask.c"],
                   depends=["data_plane/_sha256.h"], optional=True),
         Extension("data_plane.core._recording", ["data_plane/core/_recording.c"],
-                  depends=["data_plane/_sha256.h"], optional=True),
+                  depends=["data_plane/_sha256.h", "data_plane/_record.h"], optional=True),
         # the C data path of the PostgreSQL relay: needs OpenSSL's headers (libssl-dev); without it,
         # every session stays on the Python relay
         Extension("data_plane.postgres._fastrelay", ["data_plane/postgres/_fastrelay.c"],
-                  depends=["data_plane/_sha256.h", "data_plane/postgres/pgtrack.h",
+                  depends=["data_plane/_sha256.h", "data_plane/_record.h", "data_plane/postgres/pgtrack.h",
                            "data_plane/postgres/sqlshape_scan.h"],
                   libraries=["ssl", "crypto"], extra_compile_args=["-pthread"], extra_link_args=["-pthread"],
                   optional=True),

@@ -10,33 +10,17 @@
 #include <unistd.h>
 
 #include "../_sha256.h"
-
-#define HEADER_SIZE 22 /* !QdBBI: seq, unix time, direction, kind, payload length */
-#define HASH_SIZE 32
-
-static void
-put_be64(unsigned char *p, uint64_t v)
-{
-    int i;
-    for (i = 7; i >= 0; i--) {
-        p[i] = (unsigned char)v;
-        v >>= 8;
-    }
-}
+#include "../_record.h"
 
 /* append(fd, prev_hash, seq, time, direction, kind, payload) -> the record's hash */
 static PyObject *
 append(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
-    unsigned char header[HEADER_SIZE], link[HASH_SIZE];
-    struct iovec iov[3];
+    unsigned char link[RECORD_HASH_SIZE];
     Py_buffer payload;
-    sha256_t digest;
     long fd, direction, kind;
     unsigned long long seq;
     double now;
-    uint64_t time_bits;
-    size_t total;
     ssize_t written;
 
     (void)module;
@@ -51,7 +35,7 @@ append(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     kind = PyLong_AsLong(args[5]);
     if (PyErr_Occurred())
         return NULL;
-    if (!PyBytes_Check(args[1]) || PyBytes_GET_SIZE(args[1]) != HASH_SIZE) {
+    if (!PyBytes_Check(args[1]) || PyBytes_GET_SIZE(args[1]) != RECORD_HASH_SIZE) {
         PyErr_SetString(PyExc_TypeError, "prev_hash must be 32 bytes");
         return NULL;
     }
@@ -66,44 +50,24 @@ append(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         PyErr_SetString(PyExc_OverflowError, "a record's payload is limited to 4 GiB");
         return NULL;
     }
-
-    put_be64(header, (uint64_t)seq);
-    memcpy(&time_bits, &now, sizeof time_bits); /* IEEE 754, as struct's 'd' packs it */
-    put_be64(header + 8, time_bits);
-    header[16] = (unsigned char)direction;
-    header[17] = (unsigned char)kind;
-    header[18] = (unsigned char)((uint64_t)payload.len >> 24);
-    header[19] = (unsigned char)((uint64_t)payload.len >> 16);
-    header[20] = (unsigned char)((uint64_t)payload.len >> 8);
-    header[21] = (unsigned char)payload.len;
-
-    sha256_init(&digest);
-    sha256_update(&digest, (const unsigned char *)PyBytes_AS_STRING(args[1]), HASH_SIZE);
-    sha256_update(&digest, header, HEADER_SIZE);
-    sha256_update(&digest, (const unsigned char *)payload.buf, (size_t)payload.len);
-    sha256_final(&digest, link);
-
-    iov[0].iov_base = header;
-    iov[0].iov_len = HEADER_SIZE;
-    iov[1].iov_base = payload.buf;
-    iov[1].iov_len = (size_t)payload.len;
-    iov[2].iov_base = link;
-    iov[2].iov_len = HASH_SIZE;
-    total = HEADER_SIZE + (size_t)payload.len + HASH_SIZE;
-    do {
-        written = writev((int)fd, iov, 3);
-    } while (written < 0 && errno == EINTR && !PyErr_CheckSignals());
+    for (;;) {
+        written = record_write((int)fd, (const unsigned char *)PyBytes_AS_STRING(args[1]), (uint64_t)seq, now,
+                               (int)direction, (int)kind, (const unsigned char *)payload.buf, (size_t)payload.len,
+                               link, 0);
+        if (written >= 0 || errno != EINTR || PyErr_CheckSignals() < 0)
+            break;
+    }
     PyBuffer_Release(&payload);
     if (written < 0) {
-        if (!PyErr_Occurred())
-            PyErr_SetFromErrno(PyExc_OSError);
+        if (!PyErr_Occurred()) {
+            if (errno == ENOSPC)
+                PyErr_SetString(PyExc_OSError, "short write (the disk is full)");
+            else
+                PyErr_SetFromErrno(PyExc_OSError);
+        }
         return NULL;
     }
-    if ((size_t)written != total) { /* a short write on a regular file: the disk is full */
-        PyErr_Format(PyExc_OSError, "short write (%zd of %zu bytes)", written, total);
-        return NULL;
-    }
-    return PyBytes_FromStringAndSize((const char *)link, HASH_SIZE);
+    return PyBytes_FromStringAndSize((const char *)link, RECORD_HASH_SIZE);
 }
 
 static PyObject *

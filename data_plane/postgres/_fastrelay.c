@@ -31,10 +31,10 @@
 #include <openssl/ssl.h>
 
 #include "../_sha256.h"
+#include "../_record.h"
 #include "pgtrack.h"
 #include "sqlshape_scan.h"
 
-#define HEADER_SIZE 22
 #define HASH_SIZE 32
 #define FROM_CLIENT 0
 #define FROM_SERVER 1
@@ -407,55 +407,17 @@ be32(const unsigned char *p)
     return ((uint32_t)p[0] << 24) | ((uint32_t)p[1] << 16) | ((uint32_t)p[2] << 8) | p[3];
 }
 
-static void
-put_be64(unsigned char *p, uint64_t v)
-{
-    int i;
-    for (i = 7; i >= 0; i--) {
-        p[i] = (unsigned char)v;
-        v >>= 8;
-    }
-}
-
-/* One record of the hash-chained recording, with one writev (recording.py's format and fsync policy). */
+/* One record of the hash-chained recording (recording.py's format and fsync policy). */
 static int
 record(session *s, int direction, int kind, const unsigned char *payload, size_t n, double now)
 {
-    unsigned char header[HEADER_SIZE], link[HASH_SIZE];
-    struct iovec iov[3];
-    uint64_t time_bits;
-    sha256_t digest;
-    ssize_t written;
-    size_t total = HEADER_SIZE + n + HASH_SIZE;
-
-    put_be64(header, s->seq);
-    memcpy(&time_bits, &now, sizeof time_bits);
-    put_be64(header + 8, time_bits);
-    header[16] = (unsigned char)direction;
-    header[17] = (unsigned char)kind;
-    header[18] = (unsigned char)(n >> 24);
-    header[19] = (unsigned char)(n >> 16);
-    header[20] = (unsigned char)(n >> 8);
-    header[21] = (unsigned char)n;
-    sha256_init(&digest);
-    sha256_update(&digest, s->prev, HASH_SIZE);
-    sha256_update(&digest, header, HEADER_SIZE);
-    sha256_update(&digest, payload, n);
-    sha256_final(&digest, link);
-    iov[0].iov_base = header;
-    iov[0].iov_len = HEADER_SIZE;
-    iov[1].iov_base = (void *)payload;
-    iov[1].iov_len = n;
-    iov[2].iov_base = link;
-    iov[2].iov_len = HASH_SIZE;
-    do {
-        written = writev(s->rec_fd, iov, 3);
-    } while (written < 0 && errno == EINTR);
-    if (written < 0 || (size_t)written != total)
+    unsigned char link[HASH_SIZE];
+    ssize_t written = record_write(s->rec_fd, s->prev, s->seq, now, direction, kind, payload, n, link, 1);
+    if (written < 0)
         return -1;
     memcpy(s->prev, link, HASH_SIZE);
     s->seq++;
-    s->rec_bytes += total;
+    s->rec_bytes += (uint64_t)written;
     if (now >= s->next_sync) {
         fsync(s->rec_fd);
         s->next_sync = now + s->fsync_interval;
@@ -776,6 +738,25 @@ count_statements(Worker *w, session *s)
     s->skipped_seen = skipped;
 }
 
+/* Records what is relayed (before it leaves), then relays it; -1 when that ended the session. */
+static int
+relay(Worker *w, session *s, int direction, const unsigned char *p, size_t n, double wall)
+{
+    if (record(s, direction, KIND_WIRE, p, n, wall) < 0) {
+        finish(w, s, "the recording cannot be written");
+        return -1;
+    }
+    if (direction == FROM_CLIENT)
+        s->bytes_in += n;
+    else
+        s->bytes_out += n;
+    if (ep_send(direction == FROM_CLIENT ? &s->b : &s->c, p, n) < 0) {
+        finish(w, s, direction == FROM_CLIENT ? "the target's connection broke" : "the client's connection broke");
+        return -1;
+    }
+    return 0;
+}
+
 /* client → server: the complete frames of what the client sent, up to the first one the C path
  * cannot pass on its own. */
 static size_t
@@ -873,19 +854,8 @@ process_client(Worker *w, session *s, const unsigned char *p, size_t n, int *sto
         end = stop_at;
     if (copied)
         pgt_client_copy_bytes(s->t, end);
-    if (end > 0) {
-        if (wall == 0)
-            wall = now_wall();
-        if (record(s, FROM_CLIENT, KIND_WIRE, p, end, wall) < 0) {
-            finish(w, s, "the recording cannot be written");
-            return 0;
-        }
-        s->bytes_in += end;
-        if (ep_send(&s->b, p, end) < 0) {
-            finish(w, s, "the target's connection broke");
-            return 0;
-        }
-    }
+    if (end > 0 && relay(w, s, FROM_CLIENT, p, end, wall ? wall : now_wall()) < 0)
+        return 0;
     *stopped = stop;
     return end;
 }
@@ -896,7 +866,7 @@ process_server(Worker *w, session *s, const unsigned char *p, size_t n)
 {
     size_t pos = 0, end, attributed = 0;
     uint64_t rows = 0;
-    double mono = 0, wall;
+    double mono = 0;
 
     while (n - pos >= 5) {
         uint32_t length = be32(p + pos + 1);
@@ -958,18 +928,8 @@ process_server(Worker *w, session *s, const unsigned char *p, size_t n)
         return 0;
     }
     count_statements(w, s);
-    if (end > 0) {
-        wall = now_wall();
-        if (record(s, FROM_SERVER, KIND_WIRE, p, end, wall) < 0) {
-            finish(w, s, "the recording cannot be written");
-            return 0;
-        }
-        s->bytes_out += end;
-        if (ep_send(&s->c, p, end) < 0) {
-            finish(w, s, "the client's connection broke");
-            return 0;
-        }
-    }
+    if (end > 0 && relay(w, s, FROM_SERVER, p, end, now_wall()) < 0)
+        return 0;
     return end;
 }
 
