@@ -738,6 +738,26 @@ count_statements(Worker *w, session *s)
     s->skipped_seen = skipped;
 }
 
+/* The whole frames at the start of p[0:n]: 0 and their length in *end, or -1 when a frame declares a length
+ * below 4 or above max_len (*end: its offset); the whole read is then refused, as framescan refuses it. */
+static int
+whole_frames(const unsigned char *p, size_t n, uint32_t max_len, size_t *end)
+{
+    size_t pos = 0;
+    while (n - pos >= 5) {
+        uint32_t length = be32(p + pos + 1);
+        if (length < 4 || length > max_len) {
+            *end = pos;
+            return -1;
+        }
+        if ((size_t)length > n - pos - 1)
+            break;
+        pos += (size_t)length + 1;
+    }
+    *end = pos;
+    return 0;
+}
+
 /* Records what is relayed (before it leaves), then relays it; -1 when that ended the session. */
 static int
 relay(Worker *w, session *s, int direction, const unsigned char *p, size_t n, double wall)
@@ -771,27 +791,20 @@ process_client(Worker *w, session *s, const unsigned char *p, size_t n, int *sto
     double wall = 0, mono = 0;
 
     /* framing first, over the whole read: a malformed frame anywhere ends the session unrelayed */
-    while (n - pos >= 5) {
-        uint32_t length = be32(p + pos + 1);
+    if (whole_frames(p, n, s->max_len, &end) < 0) {
+        uint32_t length = be32(p + end + 1);
+        char msg[160];
         if (length < 4 || length > 0x7FFFFFFF) {
-            char msg[160];
             snprintf(msg, sizeof msg, "invalid message framing: invalid frame length %d for message type 0x%02x",
-                     (int32_t)length, p[pos]);
+                     (int32_t)length, p[end]);
             fail(w, s, "08P01", msg);
-            return 0;
-        }
-        if (length > s->max_len) {
-            char msg[160];
+        } else {
             snprintf(msg, sizeof msg, "message of %u bytes exceeds the gateway's limit of %u bytes", length,
                      s->max_len);
             fail(w, s, "54000", msg);
-            return 0;
         }
-        if ((size_t)length > n - pos - 1)
-            break;
-        pos += (size_t)length + 1;
+        return 0;
     }
-    end = pos;
     for (pos = 0; pos < end;) {
         int type = p[pos];
         size_t size = (size_t)be32(p + pos + 1) + 1, blen = size - 5;
@@ -868,20 +881,13 @@ process_server(Worker *w, session *s, const unsigned char *p, size_t n)
     uint64_t rows = 0;
     double mono = 0;
 
-    while (n - pos >= 5) {
-        uint32_t length = be32(p + pos + 1);
-        if (length < 4 || length > s->max_len) {
-            char msg[200];
-            snprintf(msg, sizeof msg, "the target sent an invalid message: invalid frame length %d for message "
-                     "type 0x%02x", (int32_t)length, p[pos]);
-            fail(w, s, "08P01", msg);
-            return 0;
-        }
-        if ((size_t)length > n - pos - 1)
-            break;
-        pos += (size_t)length + 1;
+    if (whole_frames(p, n, s->max_len, &end) < 0) {
+        char msg[200];
+        snprintf(msg, sizeof msg, "the target sent an invalid message: invalid frame length %d for message type "
+                 "0x%02x", (int32_t)be32(p + end + 1), p[end]);
+        fail(w, s, "08P01", msg);
+        return 0;
     }
-    end = pos;
     for (pos = 0; pos < end;) {
         int type = p[pos];
         size_t size = (size_t)be32(p + pos + 1) + 1, blen = size - 5;
