@@ -318,12 +318,11 @@ class EventTemplate:
         details = row.get("details")
         row.update(
             event_id=event_id,
-            time_iso=datetime.fromtimestamp(row["time"] / 1000, UTC).isoformat(timespec="milliseconds"),
+            time_iso=iso_millis(row["time"]),
             activity_id=activity_id,
             type_uid=self._class_uid * 100 + activity_id,
             severity_id=1 if row["status"] == STATUS_SUCCESS else 3,
-            details=details if details is None or isinstance(details, str) else json.dumps(
-                details, sort_keys=True, default=str),
+            details=details if details is None or isinstance(details, str) else _DETAILS.encode(details),
         )
         return row
 
@@ -332,6 +331,23 @@ class EventTemplate:
         """One evidence row. Unknown field names are a programming error."""
         return self.expand(self.compact(activity, status=status, now=now, details=details, **fields),
                            new_event_id())
+
+
+# `json.dumps(details, sort_keys=True, default=str)` without building an encoder per row
+_DETAILS = json.JSONEncoder(sort_keys=True, default=str)
+_last_second: tuple[int, str] = (-1, "")  # the last whole second formatted: a busy session's rows share it
+
+
+def iso_millis(ms: int) -> str:
+    """`datetime.fromtimestamp(ms / 1000, UTC).isoformat(timespec="milliseconds")`, formatting the date
+    and time once per second rather than once per row (the shipper expands thousands a second)."""
+    global _last_second
+    second, millis = divmod(int(ms), 1000)
+    cached_second, text = _last_second  # one tuple: another thread replaces it whole
+    if cached_second != second:
+        text = datetime.fromtimestamp(second, UTC).strftime("%Y-%m-%dT%H:%M:%S")
+        _last_second = (second, text)
+    return f"{text}.{millis:03d}+00:00"
 
 
 def session_event_id(session_id: str, seq: int) -> str:
@@ -394,15 +410,17 @@ def jsonl_line(row: Mapping[str, Any]) -> bytes:
 
 class GzipLines:
     """A gzip member written as lines arrive, so what waits to be uploaded is compressed bytes,
-    never the rows. mtime 0 keeps the bytes a pure function of the lines (digests reproducible);
-    level 6 compresses JSON lines as well as 9 does, in half the time."""
+    never the rows. mtime 0 keeps the bytes a pure function of the lines (digests reproducible).
+    Level 1: the gateway's shipper compresses every statement's row on the cores the relay uses, and
+    on statement rows (~1.1 KB, long runs of shared columns) level 1 takes a third of level 6's time
+    (2.9 vs 9.3 µs a row) for objects 28% larger."""
 
-    LEVEL = 6
+    LEVEL = 1
 
     def __init__(self) -> None:
         self._compress = zlib.compressobj(self.LEVEL, zlib.DEFLATED, -zlib.MAX_WBITS)
-        # magic, deflate, no flags, mtime 0, no extra flags (level 6), OS unknown: as gzip.compress writes it
-        self._out = [b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x00\xff"]
+        # magic, deflate, no flags, mtime 0, "fastest" (level 1), OS unknown: as gzip.compress writes it
+        self._out = [b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x04\xff"]
         self._pending: list[bytes] = []
         self._pending_size = 0
         self._crc = 0

@@ -10,6 +10,7 @@ import hashlib
 import json
 import os
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,7 @@ from control_plane.contract import (
     STATUS_FAILURE,
     decode_jsonl_gz,
     evidence_event,
+    iso_millis,
     recording_chunk_key,
     session_index_key,
 )
@@ -450,3 +452,17 @@ def test_orphaned_session_with_a_torn_events_line_still_ships(s3: Any, tmp_path:
     assert rows[0] == json.loads(json.dumps(connect))
     assert rows[-1]["activity_name"] == "disconnect"
     assert not evidence.directory.exists()
+
+
+def test_event_times_format_like_isoformat_across_seconds_and_threads() -> None:
+    start = 1_795_689_225_000
+    for ms in (0, 999, 1_000, start - 1, start, start + 1, start + 999, start + 1_000, 4_102_444_799_999):
+        assert iso_millis(ms) == datetime.fromtimestamp(ms / 1000, UTC).isoformat(timespec="milliseconds"), ms
+    expected = {ms: datetime.fromtimestamp(ms / 1000, UTC).isoformat(timespec="milliseconds")
+                for ms in range(start, start + 20_000, 7)}
+
+    def check(offset: int) -> bool:  # threads alternating seconds must never see another second's text
+        return all(iso_millis(ms) == text for ms, text in list(expected.items())[offset::4])
+
+    with ThreadPoolExecutor(4) as pool:
+        assert all(pool.map(check, range(4)))
