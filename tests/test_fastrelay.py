@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import select
 import socket
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -101,6 +102,31 @@ def test_relays_records_and_writes_the_statement_row(harness: Harness) -> None:
     (row,) = harness.events()
     assert row["statement"] == "SELECT 1" and row["command_tag"] == "SELECT 1" and row["rows"] == 1
     assert (row["seq"], row["tv"], row["status"], row["bytes"]) == (2, 1, "Success", len(result))
+
+
+def test_a_result_in_pieces_that_split_frames_arrives_whole_recorded_and_counted(harness: Harness) -> None:
+    """Reads that end mid-frame (a partial frame is carried to the next read), rows larger than the
+    worker's buffer share (read onto in place), and more than the socket pair holds at once."""
+    query = m.query("SELECT big")
+    harness.client.sendall(query)
+    recv_exactly(harness.server, len(query))
+    rows = [b"r%06d" % i * (1 + i % 40) for i in range(3000)] + [b"x" * 300_000, b"y" * 70_000, b"z"]
+    result = answer(f"SELECT {len(rows)}", *rows)
+    received: list[bytes] = []
+    reader = threading.Thread(target=lambda: received.append(recv_exactly(harness.client, len(result))))
+    reader.start()
+    for start in range(0, len(result), 7_001):
+        harness.server.sendall(result[start:start + 7_001])
+    reader.join(10)
+    assert received == [result]
+    harness.client.sendall(m.terminate())
+    harness.client.shutdown(socket.SHUT_WR)
+    (kind, _, _, state), = harness.completions()
+    assert kind == "done" and state["bytes_out"] == len(result)
+    records = harness.records(state)
+    assert b"".join(r.payload for r in records if r.direction == FROM_SERVER) == result
+    (row,) = harness.events()
+    assert (row["rows"], row["bytes"], row["command_tag"]) == (len(rows), len(result), f"SELECT {len(rows)}")
 
 
 def test_a_function_call_hands_the_session_back_with_what_it_did_not_relay(harness: Harness) -> None:

@@ -40,7 +40,7 @@
 #define FROM_SERVER 1
 #define FROM_GATEWAY 2
 #define KIND_WIRE 1
-#define READ_CHUNK 65536
+#define READ_CHUNK 262144 /* raw bytes of one read from a TLS socket */
 #define PLAIN_CHUNK 262144
 #define HIGH_WATER (1u << 20) /* unsent bytes at which the other side stops being read */
 #define SHAPES_MAX 20000
@@ -462,50 +462,66 @@ set_mask(Worker *w, endpoint *e, uint32_t mask)
     e->mask = mask;
 }
 
-/* What TLS produced goes to the out buffer; then as much as the socket takes. 0, or -1 when the
- * connection broke. */
+/* Drops the first n bytes of a memory BIO (what the socket took) through the worker's scratch. */
+static int
+bio_skip(BIO *bio, unsigned char *scratch, size_t cap, size_t n)
+{
+    while (n > 0) {
+        int got = BIO_read(bio, scratch, (int)(n < cap ? n : cap));
+        if (got <= 0)
+            return -1;
+        n -= (size_t)got;
+    }
+    return 0;
+}
+
+/* The out buffer, then what TLS produced, as much as the socket takes; what it does not take stays
+ * where it is (the out buffer, or the BIO) until EPOLLOUT. 0, or -1 when the connection broke. */
 static int
 ep_flush(endpoint *e)
 {
     for (;;) {
         size_t pending = fb_len(&e->out);
-        if (pending == 0 && e->ssl != NULL && BIO_ctrl_pending(e->wbio) > 0) {
-            /* TLS records through the worker's scratch (a BIO_reset would clear the whole BIO buffer) */
-            unsigned char *buf = e->s->w->scratch;
-            int got = BIO_read(e->wbio, buf, (int)sizeof e->s->w->scratch);
-            ssize_t n;
-            if (got <= 0)
-                return -1;
-            do {
-                n = write(e->fd, buf, (size_t)got);
-            } while (n < 0 && errno == EINTR);
-            if (n < 0 && errno != EAGAIN && errno != EWOULDBLOCK)
-                return -1;
-            if (n < 0)
-                n = 0;
-            if (n < got) {
-                if (fb_append(&e->out, buf + n, (size_t)(got - n)) < 0)
-                    return -1;
-                return 0; /* the socket is full: EPOLLOUT resumes */
-            }
-            continue;
+        const unsigned char *from = e->out.data + e->out.start;
+        ssize_t n;
+        if (pending == 0 && e->ssl != NULL) {
+            /* the records straight from the BIO's memory: one write for all of them */
+            char *records;
+            long held = BIO_get_mem_data(e->wbio, &records);
+            if (held <= 0)
+                return held < 0 ? -1 : 0;
+            from = (const unsigned char *)records;
+            pending = (size_t)held;
         }
         if (pending == 0)
             return 0;
-        {
-            ssize_t n = write(e->fd, e->out.data + e->out.start, pending);
-            if (n < 0) {
-                if (errno == EINTR)
-                    continue;
-                if (errno == EAGAIN || errno == EWOULDBLOCK)
-                    return 0;
-                return -1;
-            }
-            fb_consume(&e->out, (size_t)n);
-            if ((size_t)n < pending)
-                return 0;
+        n = write(e->fd, from, pending);
+        if (n < 0) {
+            if (errno == EINTR)
+                continue;
+            return (errno == EAGAIN || errno == EWOULDBLOCK) ? 0 : -1;
         }
+        if (from == e->out.data + e->out.start)
+            fb_consume(&e->out, (size_t)n);
+        else if (bio_skip(e->wbio, e->s->w->scratch, sizeof e->s->w->scratch, (size_t)n) < 0)
+            return -1;
+        if ((size_t)n < pending)
+            return 0; /* the socket is full: EPOLLOUT resumes */
     }
+}
+
+/* Before a hand-back: TLS records the socket has not taken move from the BIO to the out buffer, which
+ * Python writes below its TLS transport. */
+static int
+ep_park(endpoint *e)
+{
+    char *records;
+    long held;
+    if (e->ssl == NULL || (held = BIO_get_mem_data(e->wbio, &records)) <= 0)
+        return 0;
+    if (fb_append(&e->out, records, (size_t)held) < 0)
+        return -1;
+    return bio_skip(e->wbio, e->s->w->scratch, sizeof e->s->w->scratch, (size_t)held);
 }
 
 /* Bytes for the socket not yet written: the out buffer and, with TLS, the records still in the BIO. */
@@ -1000,6 +1016,10 @@ eject(Worker *w, session *s)
     count_statements(w, s);
     ep_flush(&s->c);
     ep_flush(&s->b);
+    if (ep_park(&s->c) < 0 || ep_park(&s->b) < 0) {
+        finish(w, s, "out of memory");
+        return;
+    }
     s->state = EJECTED;
     detach(w, s);
     c = calloc(1, sizeof *c);
@@ -1050,11 +1070,15 @@ ep_pump(Worker *w, endpoint *e)
     session *s = e->s;
 
     if (e->ssl == NULL) {
+        /* Into the worker's big buffer, behind the partial frame kept from the last read when it is small
+         * (a stream of rows nearly always ends a read mid-frame); a large one is read onto in place. */
         ssize_t n;
-        unsigned char *dst = w->plain;
-        size_t cap = sizeof w->plain;
-        if (fb_len(&e->in)) {
-            if (fb_reserve(&e->in, READ_CHUNK) < 0)
+        size_t kept = fb_len(&e->in);
+        int in_place = kept > sizeof w->plain / 4;
+        unsigned char *dst = w->plain + kept;
+        size_t cap = sizeof w->plain - kept;
+        if (in_place) {
+            if (fb_reserve(&e->in, PLAIN_CHUNK) < 0)
                 return -1;
             dst = e->in.data + e->in.end;
             cap = e->in.cap - e->in.end;
@@ -1068,11 +1092,15 @@ ep_pump(Worker *w, endpoint *e)
         }
         if (n < 0)
             return (errno == EAGAIN || errno == EWOULDBLOCK) ? 0 : -1;
-        if (dst == w->plain) {
-            deliver(w, e, w->plain, (size_t)n, 0);
-        } else {
+        if (in_place) {
             e->in.end += (size_t)n;
             deliver(w, e, e->in.data + e->in.start, fb_len(&e->in), 1);
+        } else {
+            if (kept) {
+                memcpy(w->plain, e->in.data + e->in.start, kept);
+                fb_free(&e->in);
+            }
+            deliver(w, e, w->plain, kept + (size_t)n, 0);
         }
         return 0;
     }
