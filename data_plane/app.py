@@ -66,7 +66,8 @@ class Gateway:
         return True, "ready"
 
     def accept_postgres(self) -> Stream:
-        return Stream(on_connected=self.start_postgres_session)
+        # Held: the session peeks at the first byte (a direct TLS handshake, or a startup packet).
+        return Stream(on_connected=self.start_postgres_session, hold=True)
 
     def start_postgres_session(self, stream: Stream) -> None:
         task = asyncio.get_running_loop().create_task(PostgresSession(self.ctx, stream).run())

@@ -6,8 +6,12 @@ sockets with TLS."""
 from __future__ import annotations
 
 import asyncio
+import os
+import socket
 import ssl
+from collections.abc import Callable, Coroutine
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -130,3 +134,94 @@ async def test_a_server_stream_upgrades_to_tls_and_the_relay_can_take_its_transp
         writer.close()
     finally:
         server.close()
+
+
+# A held stream (the gateway's client connections): nothing is read until `peek` has seen the first
+# byte, on either event loop, so a direct TLS handshake reaches OpenSSL whole.
+
+
+def on_loop(kind: str, main: Callable[[], Coroutine[Any, Any, None]]) -> None:
+    if kind == "uvloop":
+        import uvloop
+
+        uvloop.run(main())
+    else:
+        asyncio.run(main())
+
+
+async def held_server() -> tuple[asyncio.Server, int, asyncio.Queue[Stream]]:
+    accepted: asyncio.Queue[Stream] = asyncio.Queue()
+    server = await asyncio.get_running_loop().create_server(
+        lambda: Stream(on_connected=accepted.put_nowait, hold=True), "127.0.0.1", 0)
+    return server, server.sockets[0].getsockname()[1], accepted
+
+
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+def test_a_held_stream_reads_nothing_before_peek_and_the_peeked_byte_stays_unread(loop: str) -> None:
+    async def main() -> None:
+        server, port, accepted = await held_server()
+        # Connected and sent before the loop runs again: uvloop reads right after connection_made.
+        client = socket.create_connection(("127.0.0.1", port))
+        client.sendall(b"hello")
+        stream = await accepted.get()
+        await asyncio.sleep(0.05)
+        assert stream.buffered == 0
+        assert await stream.peek() == b"h"
+        await asyncio.sleep(0.05)
+        assert stream.buffered == 0
+        stream.resume()
+        assert await stream.readexactly(5) == b"hello"
+        client.sendall(b" again")
+        assert await stream.readexactly(6) == b" again"  # reads as usual: no low-water mark left behind
+        client.close()
+        server.close()
+
+    on_loop(loop, main)
+
+
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+def test_a_held_stream_hands_a_direct_tls_handshake_to_start_tls(loop: str, tmp_path: Path) -> None:
+    tls = make_ca_and_server_cert(tmp_path)
+    server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_context.load_cert_chain(tls["cert_file"], tls["key_file"])
+    server_context.set_alpn_protocols(["postgresql"])
+    client_context = ssl.create_default_context(cafile=tls["ca_file"])
+    client_context.set_alpn_protocols(["postgresql"])
+
+    async def main() -> None:
+        server, port, accepted = await held_server()
+        client = asyncio.ensure_future(asyncio.open_connection("127.0.0.1", port, ssl=client_context,
+                                                               server_hostname="localhost"))
+        stream = await accepted.get()
+        assert await stream.peek() == b"\x16"
+        await stream.start_tls(server_context, server_side=True)
+        assert stream.get_extra_info("ssl_object").selected_alpn_protocol() == "postgresql"
+        _, writer = await client
+        writer.write(b"startup")
+        assert await stream.readexactly(7) == b"startup"
+        writer.close()
+        server.close()
+
+    on_loop(loop, main)
+
+
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+def test_peek_waits_out_a_silent_peer_and_sees_one_that_leaves_without_a_word(loop: str) -> None:
+    async def main() -> None:
+        server, port, accepted = await held_server()
+        client = socket.create_connection(("127.0.0.1", port))
+        stream = await accepted.get()
+        fds = len(os.listdir("/proc/self/fd"))
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(stream.peek(), 0.2)
+        assert len(os.listdir("/proc/self/fd")) == fds  # the watcher closed with the wait
+        peek = asyncio.ensure_future(stream.peek())
+        await asyncio.sleep(0.05)
+        client.close()
+        assert await asyncio.wait_for(peek, 5) == b""
+        gone = socket.create_connection(("127.0.0.1", port))
+        gone.close()  # before the stream could hold it, even
+        assert await asyncio.wait_for((await accepted.get()).peek(), 5) == b""
+        server.close()
+
+    on_loop(loop, main)

@@ -14,6 +14,10 @@ SSL_REQUEST_CODE = 80877103
 GSSENC_REQUEST_CODE = 80877104
 CANCEL_REQUEST_CODE = 80877102
 MAX_STARTUP_PACKET = 10_000  # what PostgreSQL itself accepts for a startup packet
+# PostgreSQL 17 direct TLS (sslnegotiation=direct): the client opens with a TLS handshake record,
+# a first byte no startup packet starts with, and must negotiate this ALPN protocol.
+TLS_HANDSHAKE = b"\x16"
+ALPN_PROTOCOL = "postgresql"
 
 _INT32 = struct.Struct("!i")
 _INT16 = struct.Struct("!h")

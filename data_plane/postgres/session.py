@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import ssl
 import struct
 import time
 from collections.abc import Callable
@@ -137,7 +138,9 @@ class PostgresSession:
         return m.parse_startup_packet(header + await self.stream.readexactly(length - 4))
 
     async def negotiate(self) -> m.StartupMessage | None:
-        """TLS and the startup message; a cancel request is forwarded and ends the connection."""
+        """TLS (direct, or asked for) and the startup message; a cancel request is forwarded and
+        ends the connection."""
+        await asyncio.wait_for(self.direct_tls(), 30)
         while True:
             packet = await asyncio.wait_for(self.read_startup_packet(), 30)
             if isinstance(packet, m.SSLRequest):
@@ -146,8 +149,7 @@ class PostgresSession:
                     continue
                 self.stream.write(b"S")
                 await self.stream.drain()
-                await self.stream.start_tls(self.ctx.tls, server_side=True)
-                self.tls = True
+                await self.start_tls()
             elif isinstance(packet, m.GSSENCRequest):
                 self.stream.write(b"N")
             elif isinstance(packet, m.CancelRequest):
@@ -164,6 +166,37 @@ class PostgresSession:
                     await self.refuse("57P03", "the Proctor gateway is shutting down; reconnect")
                     raise SessionEnded
                 return packet
+
+    async def direct_tls(self) -> None:
+        """A PostgreSQL 17 client may open with its TLS handshake instead of an SSLRequest: the
+        first byte, peeked and left unread for OpenSSL, tells which."""
+        first = await self.stream.peek()
+        if not first:
+            raise SessionEnded  # gone without a word
+        if first != m.TLS_HANDSHAKE:
+            self.stream.resume()
+            return
+        if self.ctx.tls is None:
+            log.info("session %s: a direct TLS connection and no TLS certificate to answer it: closed",
+                     self.session_id)
+            raise SessionEnded
+        await self.start_tls()
+        if self.stream.get_extra_info("ssl_object").selected_alpn_protocol() != m.ALPN_PROTOCOL:
+            # As PostgreSQL 17: no ALPN, no proof the client meant to speak PostgreSQL over this TLS.
+            await self.refuse("08P01", "received direct SSL connection request without ALPN protocol "
+                                       "negotiation extension", audit_reason="direct TLS without ALPN refused")
+            raise SessionEnded
+
+    async def start_tls(self) -> None:
+        assert self.ctx.tls is not None
+        if self.stream.buffered:  # read before the handshake, they would pass for encrypted (CVE-2021-23214)
+            raise m.ProtocolViolation("received unencrypted data before the TLS handshake")
+        try:
+            await self.stream.start_tls(self.ctx.tls, server_side=True)
+        except ssl.SSLError as exc:
+            log.info("session %s: TLS handshake failed: %s", self.session_id, exc)
+            raise SessionEnded from exc
+        self.tls = True
 
     async def forward_cancel(self, request: m.CancelRequest) -> None:
         target = self.ctx.registry.cancel_target(request.pid, request.secret)
