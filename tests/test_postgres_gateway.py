@@ -255,9 +255,20 @@ def test_forged_or_expired_grant_gets_28p01_and_is_recorded(stack: Stack) -> Non
 
 
 def test_plaintext_clients_are_refused_with_a_clear_error(stack: Stack) -> None:
+    import urllib.request
+
+    metrics = f"http://127.0.0.1:{stack.gateway['admin_port']}/metrics"
+    series = 'proctor_sessions_total{outcome="refused",protocol="postgres"}'
+
+    def refused() -> float:
+        lines = urllib.request.urlopen(metrics).read().decode().splitlines()
+        return sum(float(line.rsplit(" ", 1)[1]) for line in lines if line.startswith(series))
+
+    before = refused()
     grant = stack.grant()
     out = psql(stack, grant, "-c", "SELECT 1", sslmode="disable", check=False)
     assert out.returncode != 0 and "requires TLS" in out.stderr
+    assert refused() == before + 1  # counted, though no grant was presented
 
 
 def test_grant_for_another_database_is_refused(stack: Stack) -> None:

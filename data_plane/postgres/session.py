@@ -440,8 +440,14 @@ class PostgresSession:
 
     # ------------------------------------------------------------------------------------------
     async def refuse(self, code: str, message: str, *, audit_reason: str | None = None) -> None:
-        """A FATAL error to the client, then close (best effort: the client may be gone)."""
+        """A FATAL error to the client, then close (best effort: the client may be gone).
+        `audit_reason`: a refusal before any grant was presented (no session evidence exists yet, and
+        a port scan must not open one per connection): counted and logged instead."""
         payload = m.error_response(code, message, severity="FATAL")
+        if audit_reason is not None:
+            metrics.SESSIONS.labels("postgres", "refused").inc()
+            log.info("session %s from %s:%s: %s", self.session_id, self.info.client_ip, self.info.client_port,
+                     audit_reason)
         if self.evidence is not None:
             self.evidence.record(FROM_GATEWAY, payload)
         with contextlib.suppress(Exception):
