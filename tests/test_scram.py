@@ -210,3 +210,33 @@ def test_md5_password_depends_on_user_and_salt() -> None:
     base = md5_password("alice", "pw", b"salt")
     assert md5_password("bob", "pw", b"salt") != base
     assert md5_password("alice", "pw", b"SALT") != base
+
+
+def test_the_salted_password_is_derived_once_per_password_salt_and_iterations(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from data_plane.postgres import auth
+
+    derived: list[tuple[bytes, int]] = []
+    real = hashlib.pbkdf2_hmac
+
+    def counting(name: str, password: bytes, salt: bytes, iterations: int) -> bytes:
+        derived.append((salt, iterations))
+        return real(name, password, salt, iterations)
+
+    monkeypatch.setattr(auth.hashlib, "pbkdf2_hmac", counting)
+    monkeypatch.setattr(auth, "_SALTED", {})
+    for _ in range(2):  # the RFC vector twice, then a rotated password and another salt
+        assert rfc_client().client_final(RFC_SERVER_FIRST) == RFC_CLIENT_FINAL
+    assert len(derived) == 1
+    exchanges = []
+    for password in ("pw-1", "pw-2", "pw-2"):
+        client, _, server_first = pg_exchange(password)
+        exchanges.append((password, client._client_first_bare, server_first, client.client_final(server_first)))
+    assert len(derived) == 3
+    monkeypatch.setattr(auth, "_SALTED_MAX", 2)
+    auth.salted_password(b"pw-3", b"salt", 64)  # full: the oldest entries (the RFC's, pw-1's) make room
+    assert [key[0] for key in auth._SALTED] == [hashlib.sha256(b"pw-2").digest(), hashlib.sha256(b"pw-3").digest()]
+    monkeypatch.setattr(auth.hashlib, "pbkdf2_hmac", real)
+    for password, first_bare, server_first, final in exchanges:  # a cached derivation proves the same
+        proof, _ = scram_server_side(password, first_bare, server_first.decode(), final.decode().rsplit(",p=", 1)[0])
+        assert final.decode().endswith(f"p={proof}")
