@@ -14,8 +14,10 @@ from typing import Any
 import orjson
 import pytest
 
+from data_plane.core.guardrails import LOG, Verdict
 from data_plane.core.recording import FROM_CLIENT, FROM_GATEWAY, FROM_SERVER, RecordingWriter, genesis, read_records
 from data_plane.postgres import messages as m
+from data_plane.postgres.tracker import StatementTracker, verdict_fields
 
 _fastrelay = pytest.importorskip("data_plane.postgres._fastrelay")
 
@@ -160,6 +162,101 @@ def test_a_new_shape_is_judged_then_passes_for_good(tmp_path: Path) -> None:
         harness.client.sendall(again)
         assert recv_exactly(harness.server, len(again)) == again  # no judge this time
         assert not select.select([harness.engine.fileno()], [], [], 0.2)[0]
+    finally:
+        harness.close()
+
+
+def no_completion(harness: Harness) -> bool:
+    return not select.select([harness.engine.fileno()], [], [], 0.2)[0]
+
+
+def test_a_statement_a_log_rule_matched_passes_with_the_verdict_and_its_shape_keeps_it(tmp_path: Path) -> None:
+    shapes = _fastrelay.ShapeSet()
+    harness = Harness(tmp_path, shapes)
+    verdict = Verdict(LOG, "log-writes", "INSERT is not allowed", ("log-writes",))
+    fields = verdict_fields(verdict)
+    inserted = m.frame(b"C", m.cstring("INSERT 0 1")) + m.ready_for_query(b"I")
+    try:
+        first = m.query("INSERT INTO orders (amount) VALUES (17)")
+        harness.client.sendall(first)
+        (kind, handle, _, msg_type, body, shape), = harness.completions()
+        assert (kind, msg_type, body, shape) == ("judge", 0x51, first[5:], b"INSERT INTO orders (amount) VALUES (?)")
+        assert shapes.add(shape, fields) and shapes.verdict(shape) == fields[2]
+        harness.engine.judged(handle, True, fields)
+        assert recv_exactly(harness.server, len(first)) == first  # relayed, not handed back
+        harness.server.sendall(inserted)
+        recv_exactly(harness.client, len(inserted))
+        again = m.query("INSERT INTO orders (amount) VALUES (90210)")
+        harness.client.sendall(again)
+        assert recv_exactly(harness.server, len(again)) == again
+        assert no_completion(harness)  # no judge: the shape's verdict was cached with it
+        harness.server.sendall(inserted)
+        recv_exactly(harness.client, len(inserted))
+        # a verdict Python does not cache (judged each time) still passes, on a prepared statement's Executes
+        parse = m.frame(b"P", m.cstring("ins") + m.cstring("INSERT INTO orders (amount) VALUES ($1)") + b"\x00\x00")
+        execute = (m.frame(b"B", m.cstring("") + m.cstring("ins") + b"\x00\x00\x00\x01\x00\x00\x00\x015\x00\x00")
+                   + m.frame(b"E", m.cstring("") + b"\x00\x00\x00\x00"))
+        sync = m.frame(b"S")
+        harness.client.sendall(parse + execute + sync)
+        (kind, handle, _, msg_type, _, _), = harness.completions()
+        assert (kind, msg_type) == ("judge", 0x50)
+        harness.engine.judged(handle, True, fields)
+        assert recv_exactly(harness.server, len(parse + execute + sync)) == parse + execute + sync
+        answers = m.frame(b"1") + m.frame(b"2") + inserted
+        harness.server.sendall(answers)
+        recv_exactly(harness.client, len(answers))
+        harness.client.sendall(execute + sync)
+        assert recv_exactly(harness.server, len(execute + sync)) == execute + sync
+        assert no_completion(harness)
+        harness.server.sendall(m.frame(b"2") + inserted)
+        recv_exactly(harness.client, len(inserted) + 5)
+        harness.client.sendall(m.terminate())
+        harness.client.shutdown(socket.SHUT_WR)
+        (kind, _, _, state), = harness.completions()
+        assert (kind, state["statements"]) == ("done", 4)  # never handed back
+        rows = harness.events()
+        assert [row["statement"] for row in rows] == [
+            "INSERT INTO orders (amount) VALUES (17)", "INSERT INTO orders (amount) VALUES (90210)",
+            *["INSERT INTO orders (amount) VALUES ($1)"] * 2]
+        for row in rows:
+            assert (row["rule"], row["approval_id"], row["activity_name"]) == ("log-writes", None, "query")
+            assert row["details"]["guardrail"] == {"action": "log", "rules": ["log-writes"]}
+        assert rows[-1]["details"]["parameters"] == ["5"]
+    finally:
+        harness.close()
+
+
+def test_a_session_handed_back_later_keeps_the_verdicts_of_what_is_in_flight(tmp_path: Path) -> None:
+    shapes = _fastrelay.ShapeSet()
+    harness = Harness(tmp_path, shapes)
+    fields = verdict_fields(Verdict(LOG, "log-writes", "INSERT is not allowed", ("log-writes",)))
+    try:
+        parse = m.frame(b"P", m.cstring("ins") + m.cstring("INSERT INTO orders (amount) VALUES (1)") + b"\x00\x00")
+        query = m.query("INSERT INTO orders (amount) VALUES (2)")
+        harness.client.sendall(parse + m.frame(b"S"))
+        (_, handle, *_), = harness.completions()
+        harness.engine.judged(handle, True, fields)
+        harness.client.sendall(query)
+        (_, handle, _, _, _, shape), = harness.completions()
+        shapes.add(shape, fields)
+        harness.engine.judged(handle, True, fields)
+        recv_exactly(harness.server, len(parse) + 5 + len(query))
+        function_call = m.frame(b"F", b"\x00\x00\x04\xd2\x00\x00\x00\x00\x00\x00")
+        harness.client.sendall(function_call)  # the FunctionCall goes back to Python, the INSERTs still in flight
+        (kind, _, _, state), = harness.completions()
+        assert kind == "ejected"
+        tracker = state["tracker"]
+        assert tracker["prepared"] == [("ins", "INSERT INTO orders (amount) VALUES (1)", (), fields[2])]
+        assert [group["parse_verdict"] for group in tracker["groups"]] == [fields[2], None]
+        assert tracker["groups"][1]["statements"][0]["verdict"] == fields[2]
+        rows: list[Verdict | None] = []
+        python = StatementTracker(lambda statement: rows.append(statement.verdict))
+        python.restore(tracker)
+        assert python.judged["ins"][1] == Verdict(LOG, "log-writes", "INSERT is not allowed", ("log-writes",))
+        python.server_message(0x5A, b"I", 1.0)
+        python.server_message(0x43, m.cstring("INSERT 0 1"), 1.0)
+        python.server_message(0x5A, b"I", 1.0)
+        assert [verdict.rule if verdict else None for verdict in rows] == ["log-writes"]
     finally:
         harness.close()
 

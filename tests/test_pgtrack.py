@@ -1,6 +1,7 @@
 """pgtrack.h, the C statement tracker of the relay's engine, against tracker.StatementTracker: the
-same session in, the same evidence rows out, byte for byte — what the spool writes of
-SessionInfo.statement_event — and the same counts. `_pgtrack` is a test-only binding of the header."""
+same session in (guardrail verdicts included), the same evidence rows out, byte for byte — what the
+spool writes of SessionInfo.statement_event — and the same counts; and a Python tracker restored from
+the C one's state at any point carries on identically. `_pgtrack` is a test-only binding of the header."""
 
 from __future__ import annotations
 
@@ -15,12 +16,13 @@ import pytest
 from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 
+from data_plane.core.guardrails import ALLOW, LOG, Verdict
 from data_plane.core.redact import might_hold_secret, redact_statement
 from data_plane.core.session import SessionInfo, Statement
 from data_plane.postgres import messages as m
 from data_plane.postgres import tracker as tracker_module
 from data_plane.postgres.framescan import scan_frames
-from data_plane.postgres.tracker import SERVER_DECODED, StatementTracker, _parameter
+from data_plane.postgres.tracker import SERVER_DECODED, StatementTracker, _parameter, _verdict, verdict_fields
 
 pgtrack = pytest.importorskip("data_plane.postgres._pgtrack")
 
@@ -44,7 +46,8 @@ CLOCK = _Clock()
 
 def _statement(*args, **kwargs) -> Statement:
     statement = Statement(*args, **kwargs)
-    statement.started, statement.started_mono = CLOCK.wall, CLOCK.mono
+    if "started" not in kwargs:  # restore gives the C tracker's times
+        statement.started, statement.started_mono = CLOCK.wall, CLOCK.mono
     return statement
 
 
@@ -94,6 +97,19 @@ def describe(kind: str = "S", name: str | bytes = "") -> bytes:
 
 def close(kind: str, name: str | bytes = "") -> bytes:
     return kind.encode() + cstr(name)
+
+
+# verdicts that let a statement through, as the guardrails give them
+LOG_WRITES = Verdict(LOG, "log-writes", "INSERT is not allowed", ("log-writes",))
+LOG_ODD_NAMES = Verdict(LOG, 'audit "all" \\ caf\u00e9\n\x01', "", ("reads", 'audit "all" \\ caf\u00e9\n\x01'))
+ALLOWED_BY_RULE = Verdict(ALLOW, "reads", "reads are fine", ("reads",))
+APPROVED = Verdict(ALLOW, "changes-need-approval", "approved by alice", ("changes-need-approval",), approval_id="a-17")
+NO_RULE = Verdict(LOG, None)  # no rule named and none matched: "rule" and "approval_id" only
+VERDICTS = (LOG_WRITES, LOG_ODD_NAMES, ALLOWED_BY_RULE, APPROVED, NO_RULE)
+
+
+def doc(verdict: Verdict | None) -> bytes | None:
+    return None if verdict is None else verdict_fields(verdict)[2]
 
 
 # server frames (whole, header included)
@@ -177,12 +193,14 @@ class Session:
             self.counts[2] += 1
 
     # --------------------------------------------------------------------------------------------
-    def client(self, msg_type: str | int, body: bytes = b"", *, dt: float = 0.001) -> int:
-        """One client message; a PUNT reaches neither tracker (the C one must not have changed)."""
+    def client(self, msg_type: str | int, body: bytes = b"", *, dt: float = 0.001,
+               verdict: Verdict | None = None) -> int:
+        """One client message (with the guardrails' verdict of a Query or Parse, as the relay passes
+        it); a PUNT reaches neither tracker (the C one must not have changed)."""
         self.now += dt
         code = ord(msg_type) if isinstance(msg_type, str) else msg_type
         wall = self.now + WALL_OFFSET
-        rc = self.c.client_message(code, body, wall, self.now)
+        rc = self.c.client_message(code, body, wall, self.now, None if verdict is None else verdict_fields(verdict))
         if rc == PUNT:
             assert self.punt_expected(code, body), f"unexpected PUNT of {chr(code)} {body!r}"
             self.punts += 1
@@ -190,7 +208,7 @@ class Session:
             return rc
         CLOCK.wall, CLOCK.mono = wall, self.now
         try:
-            self.py.client_message(code, body)
+            self.py.client_message(code, body, verdict)
             py_rc = OK
         except m.ProtocolViolation:
             py_rc = VIOLATION
@@ -294,13 +312,22 @@ class Session:
         assert self.c.in_flight() == 0
         prepared, portals = self.c.export()
         assert self.c.counts() == (len(prepared), len(portals))
-        assert {name: (parsed.query, parsed.param_types) for name, parsed in self.py.prepared.items()} == prepared
+        assert {name: (parsed.query, parsed.param_types, doc(self.py.judged[name][1]))
+                for name, parsed in self.py.prepared.items()} == prepared
         assert {name: recorded for name, (recorded, _) in self.py.judged.items()} == {
-            name: text for name, (text, _) in prepared.items()}
+            name: text for name, (text, _, _) in prepared.items()}
         assert {name: (statement, bound) for name, (statement, bound) in self.py.portals.items()} == {
             name: (statement, m.parse_bind(body)) for name, (statement, body) in portals.items()}
         assert self.py._since_tag == self.c.since_tag()
         self.py = python_tracker_from(self.c, self.statement_done, record_parameters=self.record_parameters)
+
+    def takeover(self) -> None:
+        """At any point, statements in flight included, a Python tracker carries on from the C
+        tracker's whole state, as the relay does when the engine hands it a session."""
+        python = StatementTracker(self.statement_done, record_parameters=self.record_parameters)
+        python.restore(self.c.export_state())
+        self.py = python
+        self.check()
 
     def check(self) -> None:
         if self.c_rows != self.py_rows:
@@ -322,9 +349,9 @@ def python_tracker_from(tracker, on_complete: Callable[[Statement], None], *,
     """A StatementTracker holding what a quiescent C tracker exports."""
     prepared, portals = tracker.export()
     python = StatementTracker(on_complete, record_parameters=record_parameters)
-    for name, (text, types) in prepared.items():
+    for name, (text, types, verdict) in prepared.items():
         python.prepared[name] = m.Parse(name, text, types)
-        python.judged[name] = (text, None)
+        python.judged[name] = (text, _verdict(verdict))
     for name, (statement, body) in portals.items():
         python.portals[name] = (statement, m.parse_bind(body))
     python._since_tag = tracker.since_tag()
@@ -705,6 +732,140 @@ def test_query_between_extended_messages_keeps_the_open_group() -> None:
 
 
 # ------------------------------------------------------------------------------------------------
+# guardrail verdicts that let a statement through (a `log` rule): on the row, where Python puts them
+# ------------------------------------------------------------------------------------------------
+
+
+def test_log_verdict_on_a_simple_query_names_the_rule_in_its_row() -> None:
+    session = Session()
+    session.client("Q", query("INSERT INTO t VALUES (1)"), verdict=LOG_WRITES)
+    session.server(complete("INSERT 0 1"), READY)
+    session.client("Q", query("SELECT 1"))
+    session.server(complete("SELECT 1"), READY)
+    logged, plain = session.rows()
+    assert (logged["rule"], logged["approval_id"], logged["activity_name"]) == ("log-writes", None, "query")
+    assert logged["details"] == {"guardrail": {"action": "log", "rules": ["log-writes"]}}
+    assert "rule" not in plain and "details" not in plain
+
+
+@pytest.mark.parametrize("verdict", VERDICTS)
+def test_every_kind_of_passing_verdict_writes_pythons_members(verdict: Verdict) -> None:
+    session = Session()
+    session.client("Q", query("SELECT 1"), verdict=verdict)
+    session.server(error("42P01", "missing"), READY)
+    session.client("P", parse("SELECT $1", name="s"), verdict=verdict)
+    session.client("B", bind([b"1"], statement="s"))
+    session.client("E", execute())
+    session.client("E", execute())
+    session.client("S")
+    session.server(PARSE_COMPLETE, BIND_COMPLETE, error("22012", "division by zero"), READY)
+    first, failed, skipped = session.rows()
+    assert (first["rule"], first["approval_id"]) == (verdict.rule, verdict.approval_id)
+    # the guardrail comes last in the details, after the parameters, the skip and the error
+    assert list(skipped["details"]) == ["parameters", "skipped", *(["guardrail"] if verdict.matched else [])]
+    assert list(failed["details"]) == ["parameters", "error", *(["guardrail"] if verdict.matched else [])]
+
+
+def test_a_multi_statement_query_has_one_row_with_its_verdict() -> None:
+    session = Session()
+    session.client("Q", query("INSERT INTO t VALUES (1); INSERT INTO t VALUES (2); SELECT 1 / 0"),
+                   verdict=LOG_ODD_NAMES)
+    session.server(complete("INSERT 0 1"), complete("INSERT 0 1"), error("22012", "division by zero"), READY)
+    session.client("Q", query("INSERT INTO t VALUES (3); ;"), verdict=LOG_WRITES)
+    session.server(complete("INSERT 0 1"), EMPTY_QUERY, READY)
+    first, second = session.rows()
+    assert first["command_tag"] == "INSERT 0 1; INSERT 0 1" and first["rule"] == LOG_ODD_NAMES.rule
+    assert second["details"]["guardrail"]["rules"] == ["log-writes"]
+
+
+def test_a_prepared_statements_verdict_follows_each_execute_of_it() -> None:
+    session = Session()
+    session.client("P", parse("INSERT INTO t VALUES ($1)", (23,), name="ins"), verdict=LOG_WRITES)
+    session.client("P", parse("SELECT 1"))
+    session.client("S")
+    session.server(PARSE_COMPLETE, PARSE_COMPLETE, READY)
+    for value in (1, 2):
+        session.client("B", bind([struct.pack("!i", value)], (1,), statement="ins", portal="p"))
+        session.client("E", execute("p"))
+        session.client("B", bind())
+        session.client("E", execute())
+        session.client("S")
+        session.server(BIND_COMPLETE, complete("INSERT 0 1"), BIND_COMPLETE, complete("SELECT 1"), READY)
+    assert [event.get("rule") for event in session.rows()] == ["log-writes", None] * 2
+    # a new Parse of the name brings its own verdict; the unnamed statement's reaches an unknown portal
+    session.client("P", parse("INSERT INTO t VALUES ($1)", (23,), name="ins"))
+    session.client("P", parse("SELECT 2"), verdict=ALLOWED_BY_RULE)
+    session.client("B", bind([b"3"], statement="ins", portal="p"))
+    session.client("E", execute("p"))
+    session.client("E", execute("never bound"))
+    session.client("C", close("S", ""))
+    session.client("E", execute("never bound"))
+    session.client("S")
+    session.server(PARSE_COMPLETE, PARSE_COMPLETE, BIND_COMPLETE, complete("INSERT 0 1"), complete("SELECT 1"),
+                   CLOSE_COMPLETE, complete("SELECT 1"), READY)
+    assert [(event["statement"], event.get("rule")) for event in session.rows()[4:]] == [
+        ("INSERT INTO t VALUES ($1)", None), ("SELECT 2", "reads"), ("<unknown prepared statement>", None)]
+
+
+def test_an_error_answering_a_parse_carries_the_verdict_of_the_groups_last_parse() -> None:
+    session = Session()
+    session.client("P", parse("INSERT INTO missing VALUES ($1)"), verdict=LOG_WRITES)
+    session.client("B", bind([b"1"]))
+    session.client("S")
+    session.server(error("42P01", 'relation "missing" does not exist'), READY)
+    session.client("P", parse("INSERT INTO missing VALUES (1)", name="a"), verdict=LOG_WRITES)
+    session.client("P", parse("SELEC 1", name="b"))
+    session.client("S")
+    session.server(error("42601", "syntax error"), READY)
+    first, second = session.rows()
+    assert (first["details"]["kind"], first["rule"]) == ("parse", "log-writes")
+    assert "rule" not in second
+
+
+def test_pipelined_groups_keep_their_own_verdicts() -> None:
+    session = Session()
+    for i in range(6):
+        session.client("P", parse(f"INSERT INTO t VALUES ({i})"), verdict=LOG_WRITES if i % 2 else None)
+        session.client("B", bind())
+        session.client("E", execute())
+        session.client("S")
+        session.client("Q", query(f"INSERT INTO t VALUES ({i}); SELECT {i}"), verdict=APPROVED if i % 3 else None)
+    for i in range(6):
+        answer = error("23505", "duplicate key") if i == 3 else complete("INSERT 0 1")
+        session.server(PARSE_COMPLETE, BIND_COMPLETE, answer, READY, complete("INSERT 0 1"), complete("SELECT 1"),
+                       READY, dt=0.002)
+    assert [event.get("rule") for event in session.rows()] == [
+        None, None, "log-writes", "changes-need-approval", None, "changes-need-approval",
+        "log-writes", None, None, "changes-need-approval", "log-writes", "changes-need-approval"]
+
+
+def test_verdicts_of_a_detached_group_are_nobodys() -> None:
+    session = Session()
+    session.client("P", parse("INSERT INTO t VALUES (1)"), verdict=LOG_WRITES)
+    session.client("B", bind())
+    session.client("E", execute())
+    session.server(PARSE_COMPLETE, BIND_COMPLETE, complete("INSERT 0 1"), READY)
+    session.client("P", parse("INSERT INTO t VALUES (2)", name="late"), verdict=LOG_ODD_NAMES)
+    session.client("S")
+    session.server(READY)
+    session.client("B", bind(statement="late"))
+    session.client("E", execute())
+    session.client("S")
+    session.server(BIND_COMPLETE, complete("INSERT 0 1"), READY)
+    assert [event["rule"] for event in session.rows()] == ["log-writes", LOG_ODD_NAMES.rule]
+
+
+def test_abandon_writes_the_verdicts_of_what_was_in_flight() -> None:
+    session = Session()
+    session.client("Q", query("INSERT INTO t SELECT pg_sleep(10)"), verdict=LOG_WRITES)
+    session.client("P", parse("INSERT INTO t VALUES ($1)", name="ins"), verdict=LOG_WRITES)
+    session.client("B", bind([b"1"], statement="ins"))
+    session.client("E", execute())
+    session.abandon()
+    assert [event["rule"] for event in session.rows()] == ["log-writes"] * 2
+
+
+# ------------------------------------------------------------------------------------------------
 # the end of a session
 # ------------------------------------------------------------------------------------------------
 
@@ -907,8 +1068,8 @@ def test_export_rebuilds_a_python_tracker_that_continues_identically() -> None:
     session.server(PARSE_COMPLETE, PARSE_COMPLETE, PARSE_COMPLETE, parameter_description(20, 25), NO_DATA,
                    BIND_COMPLETE, BIND_COMPLETE, READY, row(b"stray"))
     prepared, portals = session.c.export()
-    assert prepared == {"stmt \u00e9": ("SELECT $1, $2", (20, 25)), "": ("SELECT 'unnamed'", ()),
-                        "\ufffd": ("SELECT '\ufffd'", ())}
+    assert prepared == {"stmt \u00e9": ("SELECT $1, $2", (20, 25), None), "": ("SELECT 'unnamed'", (), None),
+                        "\ufffd": ("SELECT '\ufffd'", (), None)}
     assert set(portals) == {"p1", ""}
     session.handover()
     session.client("E", execute("p1"))
@@ -936,6 +1097,56 @@ def test_export_after_close_forgets_what_was_closed() -> None:
         session.client("E", execute(f"p{i}"))
     session.client("S")
     session.server(*[complete("SELECT 1")] * 40, READY)
+
+
+def test_handover_carries_the_prepared_statements_verdicts() -> None:
+    session = Session()
+    session.client("P", parse("INSERT INTO t VALUES ($1)", name="ins"), verdict=LOG_WRITES)
+    session.client("P", parse("SELECT $1"), verdict=APPROVED)
+    session.client("P", parse("SELECT 1", name="plain"))
+    session.client("S")
+    session.server(PARSE_COMPLETE, PARSE_COMPLETE, PARSE_COMPLETE, READY)
+    prepared, _ = session.c.export()
+    assert {name: _verdict(verdict) for name, (_, _, verdict) in prepared.items()} == {
+        "ins": LOG_WRITES, "": APPROVED, "plain": None}
+    session.handover()
+    for name in ("ins", "", "plain"):
+        session.client("B", bind([b"1"], statement=name))
+        session.client("E", execute())
+    session.client("S")
+    session.server(*[BIND_COMPLETE, complete("SELECT 1")] * 3, READY)
+    assert [event.get("rule") for event in session.rows()] == ["log-writes", "changes-need-approval", None]
+
+
+def test_takeover_mid_pipeline_carries_the_verdicts_in_flight() -> None:
+    session = Session()
+    session.client("P", parse("INSERT INTO t VALUES ($1)", name="ins"), verdict=LOG_WRITES)
+    session.client("S")
+    session.server(PARSE_COMPLETE, READY)
+    session.client("Q", query("INSERT INTO t VALUES (0)"), verdict=LOG_ODD_NAMES)
+    session.client("B", bind([b"1"], statement="ins"))
+    session.client("E", execute())
+    session.client("P", parse("INSERT INTO u VALUES (1)"), verdict=ALLOWED_BY_RULE)  # its error comes later
+    session.client("S")
+    session.client("P", parse("INSERT INTO v VALUES (1)"), verdict=APPROVED)  # still open
+    session.server(complete("INSERT 0 1"))
+    state = session.c.export_state()
+    assert [s["verdict"] for g in state["groups"] for s in g["statements"]] == [doc(LOG_ODD_NAMES), doc(LOG_WRITES)]
+    assert [g["parse_verdict"] for g in state["groups"]] == [None, doc(ALLOWED_BY_RULE), doc(APPROVED)]
+    session.takeover()
+    session.client("B", bind())
+    session.client("E", execute())
+    session.client("S")
+    session.server(READY, BIND_COMPLETE, complete("INSERT 0 1"), error("42P01", "no u"), READY)
+    session.server(PARSE_COMPLETE, BIND_COMPLETE, complete("INSERT 0 1"), READY)
+    session.client("B", bind([b"2"], statement="ins"))
+    session.client("E", execute())
+    session.client("S")
+    session.server(BIND_COMPLETE, complete("INSERT 0 1"), READY)
+    assert [event["rule"] for event in session.rows()] == [
+        LOG_ODD_NAMES.rule, "log-writes", "reads", "changes-need-approval", "log-writes"]
+    assert session.rows()[2]["details"]["kind"] == "parse"
+    assert session.rows()[3]["approval_id"] == "a-17"
 
 
 # ------------------------------------------------------------------------------------------------
@@ -1059,7 +1270,9 @@ def bind_bodies(draw) -> bytes:
                                                                                              max_size=2)))
 
 
-parses = st.builds(lambda text, types, name: ("P", parse(text, types, name)), texts, type_lists, names)
+verdicts = st.sampled_from([None, None, *VERDICTS])  # a client message: (type, body[, verdict])
+parses = st.builds(lambda text, types, name, verdict: ("P", parse(text, types, name), verdict), texts, type_lists,
+                   names, verdicts)
 binds = bind_bodies().map(lambda body: ("B", body))
 executes = st.builds(lambda name, rows: ("E", execute(name, rows)), names, st.integers(0, 3))
 extended_messages = st.one_of(
@@ -1069,7 +1282,7 @@ extended_messages = st.one_of(
     st.sampled_from([("H", b""), ("S", b""), ("X", b"")]),
 )
 other_messages = st.one_of(
-    texts.map(lambda text: ("Q", query(text))),
+    st.builds(lambda text, verdict: ("Q", query(text), verdict), texts, verdicts),
     st.binary(max_size=8).map(lambda body: ("F", body)),
 )
 
@@ -1110,6 +1323,7 @@ session_ops = st.one_of(
               st.lists(answer_frames, max_size=8), ready_frames, steps, st.booleans()),
     st.tuples(st.just("copy"), st.integers(0, 10_000)),
     st.tuples(st.just("handover")),
+    st.tuples(st.just("takeover")),
 )
 
 
@@ -1117,20 +1331,22 @@ def run_session(record_parameters: bool, ops: list[tuple]) -> Session:
     session = Session(record_parameters=record_parameters)
     for op in ops:
         if op[0] == "client":
-            for msg_type, body in op[1]:
-                session.client(msg_type, body, dt=op[3])
+            for msg_type, body, *verdict in op[1]:
+                session.client(msg_type, body, dt=op[3], verdict=verdict[0] if verdict else None)
             if op[2]:
                 session.client("S", dt=op[3])
         elif op[0] == "server":
             session.server(*op[1], dt=op[2], per_frame=op[3])
         elif op[0] == "cycle":  # a batch, its Sync, then answers up to a ReadyForQuery
             _, messages, answers, ready, dt, per_frame = op
-            for msg_type, body in messages:
-                session.client(msg_type, body, dt=dt)
+            for msg_type, body, *verdict in messages:
+                session.client(msg_type, body, dt=dt, verdict=verdict[0] if verdict else None)
             session.client("S", dt=dt)
             session.server(*answers, ready, dt=dt, per_frame=per_frame)
         elif op[0] == "copy":
             session.copy(op[1])
+        elif op[0] == "takeover":
+            session.takeover()
         elif session.c.in_flight() == 0:
             session.handover()
     session.abandon()

@@ -1,6 +1,6 @@
 """The C data path (data_plane.postgres.fastpath) against the Python relay: the same clients, the
-same evidence, and the hand-overs between the two (a statement Python must judge, one the C path
-does not reproduce, mid-pipeline)."""
+same evidence (guardrail verdicts that only log included), and the hand-overs between the two (a
+statement Python must judge, one the C path does not reproduce, mid-pipeline)."""
 
 from __future__ import annotations
 
@@ -107,6 +107,80 @@ def test_the_c_data_path_writes_the_evidence_the_python_relay_writes(stack: Stac
     assert any(row[5] == "22012" for row in fast)  # the division by zero
     assert any(row[5] == "42P01" for row in fast)  # the pipeline's error
     assert any(json.loads(row[7] or "{}").get("parameters") == ["7", "é ✓", "2.5", "true"] for row in fast)
+
+
+def insert_workload(conninfo: dict[str, Any]) -> None:
+    """INSERTs, which the seeded pipeline policy's `log-writes` rule logs, again and again: simple
+    queries (one and several statements), unnamed and named prepared statements, a pipeline,
+    RETURNING, COPY, reads in between; inside transactions rolled back."""
+    with psycopg.connect(**conninfo, autocommit=True) as conn:
+        with conn.transaction(force_rollback=True):
+            for i in range(4):
+                conn.execute(f"INSERT INTO orders (customer_id, amount, status) VALUES (1, {i}, 'logged')")
+                conn.execute("INSERT INTO orders (customer_id, amount, status) VALUES (%s, %s, %s)", (1, i, "logged"))
+                conn.execute("INSERT INTO orders (customer_id, amount, status) VALUES (%s, %s, 'prepared')", (1, i),
+                             prepare=True)
+                assert conn.execute("SELECT count(*) FROM orders WHERE status = %s", ("logged",)).fetchone()
+            for _ in range(6):  # past psycopg's prepare threshold: the unnamed statement becomes a named one
+                conn.execute("INSERT INTO orders (customer_id, amount, status) VALUES (%s, 7, 'auto')", (2,))
+            conn.execute("INSERT INTO orders (customer_id, amount, status) VALUES (1, 1, 'a'); "
+                         "INSERT INTO orders (customer_id, amount, status) VALUES (1, 2, 'b'); SELECT 1")
+            returned = conn.execute("INSERT INTO orders (customer_id, amount, status) VALUES (%s, %s, %s) "
+                                    "RETURNING amount", (1, 42, "returning")).fetchone()
+            assert returned == (42,)
+            with conn.cursor() as cursor:
+                cursor.executemany("INSERT INTO orders (customer_id, amount, status) VALUES (%s, %s, %s)",
+                                   [(1, i, "many") for i in range(5)])
+            with conn.pipeline():
+                for i in range(3):
+                    conn.execute("INSERT INTO orders (customer_id, amount, status) VALUES (%s, %s, %s)",
+                                 (1, i, "pipelined"))
+                conn.execute("SELECT %s::int", (1,))
+            with conn.cursor().copy("COPY orders (customer_id, amount, status) FROM STDIN") as copy:
+                for i in range(5):
+                    copy.write_row((1, i, "copied"))
+        with pytest.raises(psycopg.errors.ForeignKeyViolation), conn.transaction(force_rollback=True):
+            conn.execute("INSERT INTO orders (customer_id, amount, status) VALUES (%s, 1, 'orphan')", (-1,))
+
+
+def guarded_statement_rows(stack: Stack, run_id: str, at_least: int) -> list[tuple[Any, ...]]:
+    sql = (f"SELECT statement, command_tag, rows, bytes, status, sqlstate, status_detail, rule, approval_id, "
+           f"details FROM events WHERE pipeline_run_id = '{run_id}' AND activity_name = 'query' "
+           f"ORDER BY session_id, seq")
+    result = stack.wait_for(sql, lambda r: len(r.rows) >= at_least, timeout=30)
+    return [tuple(row) for row in result.rows]
+
+
+def test_writes_a_log_rule_matches_stay_in_the_c_data_path_with_the_python_relays_evidence(stack: Stack) -> None:
+    """Under the seeded pipeline policy (its `log-writes` rule logs every write): an INSERT-heavy
+    workload is relayed by the C data path from start to end, each shape judged by Python once, and
+    every statement row (rule and guardrail details included) is the Python relay's, field for field."""
+    before = fast_path_counts(stack)
+    fast_run, slow_run = f"logfast-{uuid.uuid4().hex[:8]}", f"logslow-{uuid.uuid4().hex[:8]}"
+    insert_workload(stack.conninfo(stack.grant(stack.pipeline_token(run_id=fast_run))))
+    after = fast_path_counts(stack)
+    assert after.get("adopted", 0) > before.get("adopted", 0)
+    assert after.get("ejected", 0) == before.get("ejected", 0)  # no INSERT handed the session back
+
+    proc, info, port = stack.extra_gateway("python-relay-log", PROCTOR_FAST_PATH="false")
+    try:
+        grant = stack.grant(stack.pipeline_token(run_id=slow_run))
+        insert_workload(stack.conninfo(grant, port=port, sslrootcert=info["ca_file"]))
+        assert fast_path_counts(stack, info["admin_port"]).get("adopted", 0) == 0
+        slow = guarded_statement_rows(stack, slow_run, at_least=45)
+    finally:
+        stop_process_group(proc)
+    fast = guarded_statement_rows(stack, fast_run, at_least=len(slow))
+    assert len(fast) == len(slow)
+    for fast_row, slow_row in zip(fast, slow, strict=True):
+        assert fast_row == slow_row
+    logged = [row for row in fast if row[7] == "log-writes"]
+    assert len(logged) >= 25
+    assert all(json.loads(row[9])["guardrail"] == {"action": "log", "rules": ["log-writes"]} for row in logged)
+    assert all(row[8] is None for row in fast)
+    assert any(row[5] == "23503" and row[7] == "log-writes" for row in fast)  # the orphan's foreign key
+    # a shape is judged once at most, not each INSERT of it
+    assert after.get("judged", 0) - before.get("judged", 0) <= len({row[0] for row in fast}) < len(logged)
 
 
 def test_a_statement_python_must_record_mid_pipeline_hands_the_session_back(stack: Stack) -> None:

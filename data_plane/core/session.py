@@ -141,7 +141,7 @@ class SessionInfo:
             if error:
                 details = details or {}
                 details["error"] = error
-        if verdict is not None:
+        if verdict is not None:  # postgres.tracker.verdict_fields writes these for the C data path: keep in step
             row["rule"] = verdict.rule
             row["approval_id"] = verdict.approval_id
             if verdict.matched:

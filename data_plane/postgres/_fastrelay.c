@@ -7,9 +7,11 @@
  *
  * Python keeps everything else. The worker asks it, through a completion queue the event loop
  * watches (an eventfd), to judge a statement whose shape it has no verdict for; the answer either
- * lets the statement through (and caches the shape) or hands the session back ("eject") with all
- * of its state: unprocessed bytes, unsent bytes, the recording chain, the tracker. Revocation,
- * expiry and drain reach a session here as a terminate command.
+ * lets the statement through, with the verdict its evidence row carries when a rule matched without
+ * stopping it (a `log` rule), and caches the shape with that verdict when every statement of the
+ * shape gets it; or hands the session back ("eject") with all of its state: unprocessed bytes,
+ * unsent bytes, the recording chain, the tracker. Revocation, expiry and drain reach a session here
+ * as a terminate command.
  *
  * Threads: Python calls (holding the GIL) only touch the command queue and sessions the worker
  * does not own yet or no longer owns; the worker never touches a Python object. */
@@ -33,6 +35,7 @@
 #include "../_sha256.h"
 #include "../_record.h"
 #include "pgtrack.h"
+#include "pgtrack_py.h"
 #include "sqlshape_scan.h"
 
 #define HASH_SIZE 32
@@ -125,12 +128,19 @@ fb_free(fbuf *b)
 }
 
 /* ---------------------------------------------------------------------------------------------- */
-/* shape sets: the statement shapes a rule set allows without a match, shared by its sessions */
+/* shape sets: the statement shapes a rule set lets through, each with the verdict its statements get
+ * (none when no rule matches; a `log` rule's), shared by the rule set's sessions */
+
+typedef struct {
+    pgt_verdict *verdict; /* NULL: no rule matches */
+    uint32_t len;
+    char shape[];
+} shape_entry;
 
 typedef struct {
     PyObject_HEAD
     pthread_mutex_t lock;
-    char **slots;
+    shape_entry **slots;
     size_t cap, count;
 } ShapeSet;
 
@@ -146,22 +156,23 @@ fnv1a(const char *p, size_t n)
     return h;
 }
 
-/* slot strings: 4-byte length, then the bytes */
+/* Whether the shape is in the set; *verdict: a reference to its verdict (NULL: none). Entries stay
+ * until the set goes, so only the lookup needs the lock. */
 static int
-shapes_contains(ShapeSet *set, const char *p, size_t n)
+shapes_lookup(ShapeSet *set, const char *p, size_t n, pgt_verdict **verdict)
 {
     size_t i;
     int found = 0;
 
+    *verdict = NULL;
     pthread_mutex_lock(&set->lock);
     if (set->cap) {
         for (i = fnv1a(p, n) & (set->cap - 1);; i = (i + 1) & (set->cap - 1)) {
-            const char *slot = set->slots[i];
-            uint32_t len;
+            const shape_entry *slot = set->slots[i];
             if (slot == NULL)
                 break;
-            memcpy(&len, slot, 4);
-            if (len == n && memcmp(slot + 4, p, n) == 0) {
+            if (slot->len == n && memcmp(slot->shape, p, n) == 0) {
+                *verdict = pgt_verdict_ref(slot->verdict);
                 found = 1;
                 break;
             }
@@ -172,76 +183,102 @@ shapes_contains(ShapeSet *set, const char *p, size_t n)
 }
 
 static int
-shapes_insert_locked(ShapeSet *set, char *entry, uint32_t n)
+shapes_insert_locked(ShapeSet *set, shape_entry *entry)
 {
     size_t i;
-    for (i = fnv1a(entry + 4, n) & (set->cap - 1);; i = (i + 1) & (set->cap - 1)) {
-        char *slot = set->slots[i];
-        uint32_t len;
+    for (i = fnv1a(entry->shape, entry->len) & (set->cap - 1);; i = (i + 1) & (set->cap - 1)) {
+        shape_entry *slot = set->slots[i];
         if (slot == NULL) {
             set->slots[i] = entry;
             set->count++;
             return 1;
         }
-        memcpy(&len, slot, 4);
-        if (len == n && memcmp(slot + 4, entry + 4, n) == 0)
+        if (slot->len == entry->len && memcmp(slot->shape, entry->shape, entry->len) == 0)
             return 0;
     }
 }
 
 static PyObject *
-ShapeSet_add(ShapeSet *set, PyObject *arg)
+ShapeSet_add(ShapeSet *set, PyObject *args)
 {
-    char *entry;
+    shape_entry *entry;
+    const char *shape;
     Py_ssize_t n;
+    PyObject *verdict_obj = Py_None;
+    pgt_verdict *verdict;
     int inserted = 0;
 
-    if (!PyBytes_Check(arg) || PyBytes_GET_SIZE(arg) > 0xFFFFFF) {
-        PyErr_SetString(PyExc_TypeError, "add(shape: bytes)");
+    if (!PyArg_ParseTuple(args, "y#|O:add", &shape, &n, &verdict_obj))
+        return NULL;
+    if (n > 0xFFFFFF) {
+        PyErr_SetString(PyExc_ValueError, "add: the shape is too long");
         return NULL;
     }
-    n = PyBytes_GET_SIZE(arg);
-    entry = malloc((size_t)n + 4);
-    if (entry == NULL)
+    if (pgtpy_verdict(verdict_obj, &verdict) < 0)
+        return NULL;
+    entry = malloc(sizeof *entry + (size_t)n);
+    if (entry == NULL) {
+        pgt_verdict_unref(verdict);
         return PyErr_NoMemory();
-    memcpy(entry, &(uint32_t){(uint32_t)n}, 4);
-    memcpy(entry + 4, PyBytes_AS_STRING(arg), (size_t)n);
+    }
+    entry->verdict = verdict;
+    entry->len = (uint32_t)n;
+    memcpy(entry->shape, shape, (size_t)n);
     pthread_mutex_lock(&set->lock);
     if (set->count < SHAPES_MAX) {
         if ((set->count + 1) * 2 > set->cap) {
             size_t cap = set->cap ? set->cap * 2 : 256, i;
-            char **old = set->slots, **slots = calloc(cap, sizeof(char *));
+            shape_entry **old = set->slots, **slots = calloc(cap, sizeof(shape_entry *));
             if (slots != NULL) {
                 size_t old_cap = set->cap;
                 set->slots = slots;
                 set->cap = cap;
                 set->count = 0;
                 for (i = 0; i < old_cap; i++)
-                    if (old[i] != NULL) {
-                        uint32_t len;
-                        memcpy(&len, old[i], 4);
-                        shapes_insert_locked(set, old[i], len);
-                    }
+                    if (old[i] != NULL)
+                        shapes_insert_locked(set, old[i]);
                 free(old);
             }
         }
         if ((set->count + 1) * 2 <= set->cap)
-            inserted = shapes_insert_locked(set, entry, (uint32_t)n);
+            inserted = shapes_insert_locked(set, entry);
     }
     pthread_mutex_unlock(&set->lock);
-    if (!inserted)
+    if (!inserted) {
+        pgt_verdict_unref(entry->verdict);
         free(entry);
+    }
     return PyBool_FromLong(inserted);
 }
 
 static PyObject *
 ShapeSet_contains(ShapeSet *set, PyObject *arg)
 {
+    pgt_verdict *verdict;
+    int found;
     if (!PyBytes_Check(arg)) {
         PyErr_SetString(PyExc_TypeError, "contains(shape: bytes)");
         return NULL;
     }
-    return PyBool_FromLong(shapes_contains(set, PyBytes_AS_STRING(arg), (size_t)PyBytes_GET_SIZE(arg)));
+    found = shapes_lookup(set, PyBytes_AS_STRING(arg), (size_t)PyBytes_GET_SIZE(arg), &verdict);
+    pgt_verdict_unref(verdict);
+    return PyBool_FromLong(found);
+}
+
+/* verdict(shape) -> the doc of the shape's verdict (tracker.verdict_fields), or None */
+static PyObject *
+ShapeSet_verdict(ShapeSet *set, PyObject *arg)
+{
+    pgt_verdict *verdict;
+    PyObject *doc;
+    if (!PyBytes_Check(arg)) {
+        PyErr_SetString(PyExc_TypeError, "verdict(shape: bytes)");
+        return NULL;
+    }
+    shapes_lookup(set, PyBytes_AS_STRING(arg), (size_t)PyBytes_GET_SIZE(arg), &verdict);
+    doc = pgtpy_verdict_doc(verdict);
+    pgt_verdict_unref(verdict);
+    return doc;
 }
 
 static Py_ssize_t
@@ -267,15 +304,20 @@ ShapeSet_dealloc(ShapeSet *set)
 {
     size_t i;
     for (i = 0; i < set->cap; i++)
-        free(set->slots[i]);
+        if (set->slots[i] != NULL) {
+            pgt_verdict_unref(set->slots[i]->verdict);
+            free(set->slots[i]);
+        }
     free(set->slots);
     pthread_mutex_destroy(&set->lock);
     Py_TYPE(set)->tp_free((PyObject *)set);
 }
 
 static PyMethodDef ShapeSet_methods[] = {
-    {"add", (PyCFunction)ShapeSet_add, METH_O, "add(shape: bytes) -> bool (False when present or full)"},
+    {"add", (PyCFunction)ShapeSet_add, METH_VARARGS,
+     "add(shape: bytes, verdict=None) -> bool (False when present or full); verdict: tracker.verdict_fields"},
     {"contains", (PyCFunction)ShapeSet_contains, METH_O, "contains(shape: bytes) -> bool"},
+    {"verdict", (PyCFunction)ShapeSet_verdict, METH_O, "verdict(shape: bytes) -> the verdict's doc, or None"},
     {NULL, NULL, 0, NULL},
 };
 
@@ -285,7 +327,8 @@ static PyTypeObject ShapeSetType = {
     PyVarObject_HEAD_INIT(NULL, 0).tp_name = "data_plane.postgres._fastrelay.ShapeSet",
     .tp_basicsize = sizeof(ShapeSet),
     .tp_flags = Py_TPFLAGS_DEFAULT,
-    .tp_doc = "Statement shapes a rule set lets through without any rule matching.",
+    .tp_doc = "Statement shapes a rule set lets through, each with the verdict its statements get (none when no "
+              "rule matches).",
     .tp_new = ShapeSet_new,
     .tp_dealloc = (destructor)ShapeSet_dealloc,
     .tp_methods = ShapeSet_methods,
@@ -327,6 +370,7 @@ typedef struct session {
     ShapeSet *shapes;
     int standard_strings;
     int preapproved; /* the next guarded frame was judged by Python already */
+    pgt_verdict *preapproved_verdict; /* and the verdict it gets (NULL: none) */
     uint32_t max_len;
     uint64_t bytes_in, bytes_out;
     uint64_t ok_seen, error_seen, skipped_seen; /* tracker counters already added to the engine's */
@@ -344,6 +388,7 @@ typedef struct command {
     uint64_t id;
     session *s; /* C_ADOPT */
     int allow;
+    pgt_verdict *verdict; /* C_JUDGED: the verdict of a statement allowed through */
     unsigned char *payload;
     size_t len;
     struct command *next;
@@ -369,6 +414,9 @@ typedef struct worker {
     pthread_mutex_t lock;
     command *commands, *commands_tail;
     session *live; /* this worker's sessions */
+    /* sessions handed back (ended, ejected) during this pass over epoll's events: posted once the pass
+     * is over, as Python frees a session it was handed while the pass may still look at it */
+    completion *handed, *handed_tail;
     unsigned char scratch[READ_CHUNK]; /* TLS records as read */
     unsigned char plain[PLAIN_CHUNK];  /* what a read gave (decrypted), relayed from here when whole */
 } Worker;
@@ -575,6 +623,7 @@ ep_send(endpoint *e, const unsigned char *p, size_t n)
 /* the worker */
 
 static void post(Engine *eng, completion *done);
+static void hand_back(Worker *w, completion *c);
 static void finish(Worker *w, session *s, const char *reason);
 
 static void
@@ -683,15 +732,17 @@ statement_text(int type, const unsigned char *body, size_t len, size_t *text_len
 
 typedef enum { PASS, STOP_JUDGE, STOP_EJECT } verdict_t;
 
-/* Whether a Query or Parse may pass on the cached verdicts; the shape goes to `shape` for a miss. */
+/* Whether a Query or Parse may pass on the cached verdicts (*verdict: a reference to the one it gets,
+ * NULL for none); the shape goes to `shape` for a miss. */
 static verdict_t
 judge(session *s, int type, const unsigned char *body, size_t len, char *shape_buf, size_t shape_cap,
-      Py_ssize_t *shape_len)
+      Py_ssize_t *shape_len, pgt_verdict **verdict)
 {
     size_t text_len;
     const unsigned char *text = statement_text(type, body, len, &text_len);
     Shape shape;
     *shape_len = -1;
+    *verdict = NULL;
     if (text == NULL || !s->standard_strings || !valid_utf8(text, text_len))
         return STOP_JUDGE;
     if (2 * text_len + 16 > shape_cap)
@@ -703,7 +754,7 @@ judge(session *s, int type, const unsigned char *body, size_t len, char *shape_b
     if (scan(text, (Py_ssize_t)text_len, &shape) <= 0)
         return STOP_JUDGE;
     *shape_len = shape.len;
-    return shapes_contains(s->shapes, shape.buf, (size_t)shape.len) ? PASS : STOP_JUDGE;
+    return shapes_lookup(s->shapes, shape.buf, (size_t)shape.len, verdict) ? PASS : STOP_JUDGE;
 }
 
 static void
@@ -713,13 +764,15 @@ ask_judge(Worker *w, session *s)
     size_t len = (size_t)be32(frame + 1) - 4;
     char shape_buf[SHAPE_CAP];
     Py_ssize_t shape_len;
+    pgt_verdict *cached;
     completion *c = calloc(1, sizeof *c);
 
     if (c == NULL) {
         fail(w, s, "53200", "out of memory");
         return;
     }
-    (void)judge(s, frame[0], frame + 5, len, shape_buf, sizeof shape_buf, &shape_len);
+    (void)judge(s, frame[0], frame + 5, len, shape_buf, sizeof shape_buf, &shape_len, &cached);
+    pgt_verdict_unref(cached); /* only the shape is wanted here */
     c->kind = K_JUDGE;
     c->id = s->id;
     c->msg_type = frame[0];
@@ -805,6 +858,7 @@ process_client(Worker *w, session *s, const unsigned char *p, size_t n, int *sto
     char shape_buf[SHAPE_CAP];
     Py_ssize_t shape_len = -1;
     double wall = 0, mono = 0;
+    pgt_verdict *verdict = NULL; /* the guarded frame's (a reference), for its statement */
 
     /* framing first, over the whole read: a malformed frame anywhere ends the session unrelayed */
     if (whole_frames(p, n, s->max_len, &end) < 0) {
@@ -841,10 +895,13 @@ process_client(Worker *w, session *s, const unsigned char *p, size_t n, int *sto
                 break;
             }
             if (type != 'B' && s->shapes != NULL) {
-                if (s->preapproved)
+                if (s->preapproved) {
                     s->preapproved = 0;
-                else
-                    stop = judge(s, type, body, blen, shape_buf, sizeof shape_buf, &shape_len);
+                    verdict = s->preapproved_verdict;
+                    s->preapproved_verdict = NULL;
+                } else {
+                    stop = judge(s, type, body, blen, shape_buf, sizeof shape_buf, &shape_len, &verdict);
+                }
                 if (stop != PASS)
                     break;
             }
@@ -859,7 +916,9 @@ process_client(Worker *w, session *s, const unsigned char *p, size_t n, int *sto
                 wall = now_wall();
                 mono = now_mono();
             }
-            rc = pgt_client_message(s->t, (unsigned char)type, body, blen, wall, mono);
+            rc = pgt_client_message(s->t, (unsigned char)type, body, blen, wall, mono, verdict);
+            pgt_verdict_unref(verdict);
+            verdict = NULL;
             if (rc == PGT_PUNT) {
                 stop = STOP_EJECT;
             } else if (rc == PGT_VIOLATION) {
@@ -1002,7 +1061,7 @@ finish(Worker *w, session *s, const char *reason)
         c->kind = K_DONE;
         c->s = s;
         c->id = s->id;
-        post(w->eng, c);
+        hand_back(w, c);
     }
 }
 
@@ -1028,7 +1087,7 @@ eject(Worker *w, session *s)
     c->kind = K_EJECTED;
     c->s = s;
     c->id = s->id;
-    post(w->eng, c);
+    hand_back(w, c);
 }
 
 /* Relays the whole frames of p[0:n] (read from e), keeps the rest in e->in (`buffered`: p is e->in
@@ -1204,18 +1263,44 @@ on_event(Worker *w, endpoint *e, uint32_t events)
     update_interest(w, s);
 }
 
+/* Completions [first, last] to Python, in order. */
 static void
-post(Engine *eng, completion *c)
+post_chain(Engine *eng, completion *first, completion *last)
 {
     uint64_t one = 1;
     pthread_mutex_lock(&eng->lock);
     if (eng->completions_tail)
-        eng->completions_tail->next = c;
+        eng->completions_tail->next = first;
     else
-        eng->completions = c;
-    eng->completions_tail = c;
+        eng->completions = first;
+    eng->completions_tail = last;
     pthread_mutex_unlock(&eng->lock);
     (void)!write(eng->notify_fd, &one, sizeof one);
+}
+
+static void
+post(Engine *eng, completion *c)
+{
+    post_chain(eng, c, c);
+}
+
+static void
+hand_back(Worker *w, completion *c)
+{
+    if (w->handed_tail)
+        w->handed_tail->next = c;
+    else
+        w->handed = c;
+    w->handed_tail = c;
+}
+
+static void
+post_handed(Worker *w)
+{
+    if (w->handed == NULL)
+        return;
+    post_chain(w->eng, w->handed, w->handed_tail);
+    w->handed = w->handed_tail = NULL;
 }
 
 static session *
@@ -1288,6 +1373,9 @@ run_commands(Worker *w)
                 if (cmd->allow) {
                     s->state = RUN;
                     s->preapproved = 1;
+                    pgt_verdict_unref(s->preapproved_verdict);
+                    s->preapproved_verdict = cmd->verdict;
+                    cmd->verdict = NULL;
                     deliver(w, &s->c, s->c.in.data + s->c.in.start, fb_len(&s->c.in), 1);
                     resume(w, s);
                 } else {
@@ -1314,6 +1402,7 @@ run_commands(Worker *w)
                 break;
             }
         }
+        pgt_verdict_unref(cmd->verdict);
         free(cmd->payload);
         free(cmd);
     }
@@ -1345,6 +1434,7 @@ worker_main(void *arg)
             if (e != NULL && e->mask != 0 && e->s->state != DONE && e->s->state != EJECTED)
                 on_event(w, e, events[i].events);
         }
+        post_handed(w); /* from here on the worker holds no pointer to what it handed back */
     }
     return NULL;
 }
@@ -1445,6 +1535,7 @@ session_free(session *s)
     Py_XDECREF(s->context);
     if (s->t != NULL)
         pgt_free(s->t);
+    pgt_verdict_unref(s->preapproved_verdict);
     pgt_buf_free(&s->rows);
     free(s->terminate_payload);
     free(s);
@@ -1530,15 +1621,20 @@ Engine_judged(Engine *eng, PyObject *args)
 {
     unsigned long long id;
     int allow;
+    PyObject *verdict_obj = Py_None;
+    pgt_verdict *verdict;
     command *cmd;
-    if (!PyArg_ParseTuple(args, "Kp", &id, &allow))
+    if (!PyArg_ParseTuple(args, "Kp|O", &id, &allow, &verdict_obj) || pgtpy_verdict(verdict_obj, &verdict) < 0)
         return NULL;
     cmd = calloc(1, sizeof *cmd);
-    if (cmd == NULL)
+    if (cmd == NULL) {
+        pgt_verdict_unref(verdict);
         return PyErr_NoMemory();
+    }
     cmd->kind = C_JUDGED;
     cmd->id = id;
     cmd->allow = allow;
+    cmd->verdict = verdict;
     push_command(worker_of(eng, id), cmd);
     Py_RETURN_NONE;
 }
@@ -1590,129 +1686,6 @@ bytes_of(fbuf *b)
     return PyBytes_FromStringAndSize((const char *)b->data + b->start, (Py_ssize_t)fb_len(b));
 }
 
-/* ---------------------------------------------------------------------------------------------- */
-/* the tracker's whole state, for tracker.StatementTracker.restore (strings as pgtrack.h keeps them:
- * JSON-escaped, which Python decodes) */
-
-static PyObject *
-span_bytes(const pgt__group *g, pgt__span sp)
-{
-    if (sp.off == PGT__NONE)
-        Py_RETURN_NONE;
-    return PyBytes_FromStringAndSize(g->arena.data + sp.off, (Py_ssize_t)sp.len);
-}
-
-static int
-export_prepared(void *arg, const pgt_prepared_info *info)
-{
-    PyObject *types = PyTuple_New((Py_ssize_t)info->nparam_types), *item;
-    size_t i;
-    if (types == NULL)
-        return -1;
-    for (i = 0; i < info->nparam_types; i++)
-        PyTuple_SET_ITEM(types, (Py_ssize_t)i, PyLong_FromUnsignedLong(info->param_types[i]));
-    item = Py_BuildValue("(s#s#N)", info->name, (Py_ssize_t)info->name_len, info->query,
-                         (Py_ssize_t)info->query_len, types);
-    if (item == NULL || PyList_Append((PyObject *)arg, item) < 0) {
-        Py_XDECREF(item);
-        return -1;
-    }
-    Py_DECREF(item);
-    return 0;
-}
-
-static int
-export_portal(void *arg, const pgt_portal_info *info)
-{
-    PyObject *item = Py_BuildValue("(s#s#y#)", info->name, (Py_ssize_t)info->name_len, info->statement,
-                                   (Py_ssize_t)info->statement_len, (const char *)info->bind,
-                                   (Py_ssize_t)info->bind_len);
-    if (item == NULL || PyList_Append((PyObject *)arg, item) < 0) {
-        Py_XDECREF(item);
-        return -1;
-    }
-    Py_DECREF(item);
-    return 0;
-}
-
-static PyObject *
-export_group(const pgt__group *g)
-{
-    PyObject *statements = PyList_New(0), *described = PyList_New(0), *doc;
-    size_t i;
-    if (statements == NULL || described == NULL)
-        goto error;
-    for (i = 0; i < g->n; i++) {
-        const pgt__stmt *st = &g->stmts[i];
-        PyObject *item = Py_BuildValue(
-            "{s:N,s:d,s:d,s:N,s:K,s:K,s:N,s:N,s:N,s:N,s:O,s:s}", "text", span_bytes(g, st->text), "started",
-            st->started, "started_mono", st->started_mono, "finished_mono",
-            st->finished ? PyFloat_FromDouble(st->finished_mono) : Py_NewRef(Py_None), "rows",
-            (unsigned long long)st->rows, "bytes", (unsigned long long)st->bytes, "command_tag",
-            span_bytes(g, st->tag), "parameters", span_bytes(g, st->params), "sqlstate", span_bytes(g, st->sqlstate),
-            "error", span_bytes(g, st->error), "skipped", st->skipped ? Py_True : Py_False, "kind",
-            st->parse_kind ? "parse" : "query");
-        if (item == NULL || PyList_Append(statements, item) < 0) {
-            Py_XDECREF(item);
-            goto error;
-        }
-        Py_DECREF(item);
-    }
-    for (i = 0; i < g->described_n; i++) {
-        pgt__span sp = g->described[g->described_first + i];
-        PyObject *name = PyUnicode_DecodeUTF8(g->arena.data + sp.off, (Py_ssize_t)sp.len, "replace");
-        if (name == NULL || PyList_Append(described, name) < 0) {
-            Py_XDECREF(name);
-            goto error;
-        }
-        Py_DECREF(name);
-    }
-    doc = Py_BuildValue("{s:O,s:n,s:O,s:N,s:N,s:N}", "simple", g->simple ? Py_True : Py_False, "cursor",
-                        (Py_ssize_t)g->cursor, "failed", g->failed ? Py_True : Py_False, "parse_text",
-                        span_bytes(g, g->parse_text), "described", described, "statements", statements);
-    return doc;
-error:
-    Py_XDECREF(statements);
-    Py_XDECREF(described);
-    return NULL;
-}
-
-static PyObject *
-pgt_export_python(pgt_tracker *t)
-{
-    PyObject *prepared = PyList_New(0), *portals = PyList_New(0), *groups = PyList_New(0), *open, *copy;
-    size_t k;
-    if (prepared == NULL || portals == NULL || groups == NULL)
-        goto error;
-    /* pgt_export passes one argument to both callbacks: once per list */
-    if (pgt_export(t, export_prepared, NULL, prepared) != 0 || pgt_export(t, NULL, export_portal, portals) != 0)
-        goto error;
-    for (k = 0; k < t->size; k++) {
-        PyObject *group = export_group(pgt__group_at(t, t->head_seq + k));
-        if (group == NULL || PyList_Append(groups, group) < 0) {
-            Py_XDECREF(group);
-            goto error;
-        }
-        Py_DECREF(group);
-    }
-    open = t->open_state == PGT__IN_FIFO ? PyLong_FromUnsignedLongLong(t->open_seq - t->head_seq)
-           : t->open_state == PGT__DETACHED ? PyUnicode_FromString("detached")
-                                            : Py_NewRef(Py_None);
-    copy = t->copy_state == PGT__IN_FIFO ? Py_BuildValue("(Kn)", (unsigned long long)(t->copy_seq - t->head_seq),
-                                                         (Py_ssize_t)t->copy_index)
-           : t->copy_state == PGT__DETACHED ? PyUnicode_FromString("detached")
-                                            : Py_NewRef(Py_None);
-    return Py_BuildValue("{s:N,s:N,s:N,s:N,s:N,s:K}", "prepared", prepared, "portals", portals, "groups", groups,
-                         "open", open, "copy", copy, "since_tag", (unsigned long long)t->since_tag);
-error:
-    Py_XDECREF(prepared);
-    Py_XDECREF(portals);
-    Py_XDECREF(groups);
-    if (!PyErr_Occurred())
-        PyErr_NoMemory();
-    return NULL;
-}
-
 /* What Python needs to carry a session on (ejected) or close it (done). */
 static PyObject *
 session_state(session *s)
@@ -1727,7 +1700,7 @@ session_state(session *s)
         bytes_of(&s->c.out), "server_unsent", bytes_of(&s->b.out), "standard_strings", s->standard_strings,
         "statements", PyLong_FromUnsignedLongLong(pgt_statements_total(s->t)));
     if (state != NULL && s->state == EJECTED) {
-        PyObject *tracker = pgt_export_python(s->t);
+        PyObject *tracker = pgtpy_export(s->t);
         if (tracker == NULL || PyDict_SetItemString(state, "tracker", tracker) < 0) {
             Py_XDECREF(tracker);
             Py_DECREF(state);
@@ -1815,6 +1788,7 @@ free_session_lists(Worker *w)
         w->commands = c->next;
         if (c->kind == C_ADOPT)
             session_free(c->s);
+        pgt_verdict_unref(c->verdict);
         free(c->payload);
         free(c);
     }
@@ -1914,7 +1888,9 @@ Engine_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
 static PyMethodDef Engine_methods[] = {
     {"adopt", (PyCFunction)(void (*)(void))Engine_adopt, METH_VARARGS | METH_KEYWORDS,
      "adopt(...) -> id: the worker relays the session from now on"},
-    {"judged", (PyCFunction)Engine_judged, METH_VARARGS, "judged(id, allow): the answer to a judge completion"},
+    {"judged", (PyCFunction)Engine_judged, METH_VARARGS,
+     "judged(id, allow, verdict=None): the answer to a judge completion; verdict (tracker.verdict_fields): what "
+     "the evidence of a statement allowed through says of it"},
     {"terminate", (PyCFunction)Engine_terminate, METH_VARARGS,
      "terminate(id, payload): send the client a final message and end the session"},
     {"eject", (PyCFunction)Engine_eject, METH_O, "eject(id): hand the session back to Python"},

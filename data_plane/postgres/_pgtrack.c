@@ -6,6 +6,7 @@
 #include <Python.h>
 
 #include "pgtrack.h"
+#include "pgtrack_py.h"
 
 typedef struct {
     PyObject_HEAD
@@ -67,10 +68,17 @@ Tracker_client_message(TrackerObject *self, PyObject *args)
     int type, rc;
     Py_buffer body;
     double now_wall, now_mono;
-    if (!PyArg_ParseTuple(args, "iy*dd:client_message", &type, &body, &now_wall, &now_mono))
+    PyObject *verdict_obj = Py_None;
+    pgt_verdict *verdict;
+    if (!PyArg_ParseTuple(args, "iy*dd|O:client_message", &type, &body, &now_wall, &now_mono, &verdict_obj))
         return NULL;
+    if (pgtpy_verdict(verdict_obj, &verdict) < 0) {
+        PyBuffer_Release(&body);
+        return NULL;
+    }
     rc = pgt_client_message(self->tracker, (unsigned char)type, (const unsigned char *)body.buf, (size_t)body.len,
-                            now_wall, now_mono);
+                            now_wall, now_mono, verdict);
+    pgt_verdict_unref(verdict); /* the tracker holds its own references */
     PyBuffer_Release(&body);
     if (rc == PGT_NOMEM)
         return PyErr_NoMemory();
@@ -252,7 +260,8 @@ export_prepared(void *arg, const pgt_prepared_info *info)
         }
         PyTuple_SET_ITEM(types, (Py_ssize_t)i, oid);
     }
-    value = Py_BuildValue("(s#N)", info->query, (Py_ssize_t)info->query_len, types);
+    value = Py_BuildValue("(s#NN)", info->query, (Py_ssize_t)info->query_len, types,
+                          pgtpy_verdict_doc(info->verdict));
     name = PyUnicode_FromStringAndSize(info->name, (Py_ssize_t)info->name_len);
     rc = value != NULL && name != NULL ? PyDict_SetItem(prepared, name, value) : -1;
     Py_XDECREF(value);
@@ -274,7 +283,7 @@ export_portal(void *arg, const pgt_portal_info *info)
     return rc < 0 ? -10 : 0;
 }
 
-/* export() -> ({name: (query, param_types)}, {name: (statement, bind_body)}) */
+/* export() -> ({name: (query, param_types, verdict doc | None)}, {name: (statement, bind_body)}) */
 static PyObject *
 Tracker_export(TrackerObject *self, PyObject *Py_UNUSED(ignored))
 {
@@ -296,9 +305,16 @@ Tracker_export(TrackerObject *self, PyObject *Py_UNUSED(ignored))
     return Py_BuildValue("(NN)", dicts[0], dicts[1]);
 }
 
+/* export_state() -> what the relay's engine hands Python with a session (groups in flight included) */
+static PyObject *
+Tracker_export_state(TrackerObject *self, PyObject *Py_UNUSED(ignored))
+{
+    return pgtpy_export(self->tracker);
+}
+
 static PyMethodDef Tracker_methods[] = {
     {"client_message", (PyCFunction)Tracker_client_message, METH_VARARGS,
-     "client_message(type, body, now_wall, now_mono) -> rc"},
+     "client_message(type, body, now_wall, now_mono, verdict=None) -> rc; verdict: tracker.verdict_fields"},
     {"client_copy_bytes", (PyCFunction)Tracker_client_copy_bytes, METH_VARARGS, "client_copy_bytes(count)"},
     {"rows", (PyCFunction)Tracker_rows, METH_VARARGS, "rows(count)"},
     {"server_bytes", (PyCFunction)Tracker_server_bytes, METH_VARARGS, "server_bytes(count)"},
@@ -313,6 +329,8 @@ static PyMethodDef Tracker_methods[] = {
     {"set_template_version", (PyCFunction)Tracker_set_template_version, METH_VARARGS, "set_template_version(v)"},
     {"counts", (PyCFunction)Tracker_counts, METH_NOARGS, "counts() -> (prepared, portals)"},
     {"export", (PyCFunction)Tracker_export, METH_NOARGS, "export() -> (prepared, portals)"},
+    {"export_state", (PyCFunction)Tracker_export_state, METH_NOARGS,
+     "export_state() -> the state StatementTracker.restore takes"},
     {NULL, NULL, 0, NULL},
 };
 

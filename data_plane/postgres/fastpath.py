@@ -7,12 +7,13 @@ event loop's memory BIOs, taken over while the loop's transports are paused), fr
 the recording (same records, same hash chain, same fsync policy as recording.py), statement
 bookkeeping and evidence rows (pgtrack.h, the twin of tracker.py). Guardrails stay Python's: a
 Query or Parse whose shape the rule set's cache does not already let through is sent here to be
-judged; a statement no rule matches passes (and its shape is cached for every session of the
-rule set), anything else hands the session back to the Python relay with its whole state
-(unprocessed and unsent bytes, the recording chain, the statement tracker), which carries on as
-if it had relayed from the start. So does anything the C path does not reproduce exactly: a
-FunctionCall, a statement that may hold a secret (its evidence is redacted), text that is not
-UTF-8, binary float parameters.
+judged; a statement no rule stops passes, its evidence carrying the verdict when a rule matched (a
+`log` rule), and its shape is cached with that verdict for every session of the rule set when
+every statement of the shape gets it. A statement blocked or held for an approval hands the
+session back to the Python relay with its whole state (unprocessed and unsent bytes, the recording
+chain, the statement tracker), which carries on as if it had relayed from the start. So does
+anything the C path does not reproduce exactly: a FunctionCall, a statement that may hold a secret
+(its evidence is redacted), text that is not UTF-8, binary float parameters.
 
 The hand-over needs Python's ssl module and this module to share one libssl (a shared library,
 not a statically linked copy); otherwise, or without the compiled module, every session stays on
@@ -31,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 from data_plane import metrics
 from data_plane.core.stream import Stream
+from data_plane.postgres.tracker import verdict_fields
 
 if TYPE_CHECKING:
     from data_plane.postgres.guard import StatementGuard
@@ -175,15 +177,17 @@ class FastPath:
     def _judge(self, handle: int, relay: Relay, msg_type: int, body: bytes, shape: bytes | None) -> None:
         metrics.FAST_PATH.labels("judged").inc()
         verdict, replacement, text = relay.judge(msg_type, body)
-        if verdict is not None or replacement is not None:  # a rule has something to say: Python relays it
+        if replacement is not None:  # blocked, or held for an approval: the Python relay does that
             self.engine.judged(handle, False)
             return
+        # Allowed, as is or annotated (a `log` rule matched): the C path relays it and records the verdict.
+        fields = None if verdict is None else verdict_fields(verdict)
         guard = relay.guard
         if shape is not None and guard is not None:
             query = text if text is not None else relay.statement_text(msg_type, body)
-            if guard.shape_allows(query, shape.decode()):
-                guard_shapes(guard).add(shape)
-        self.engine.judged(handle, True)
+            if guard.holds_for_shape(query, shape.decode(), verdict):
+                guard_shapes(guard).add(shape, fields)
+        self.engine.judged(handle, True, fields)
 
     def _returned(self, entry: tuple[Relay, _Side, _Side], state: dict[str, Any]) -> None:
         relay, client, server = entry
@@ -219,7 +223,7 @@ _SHAPES: weakref.WeakKeyDictionary[StatementGuard, Any] = weakref.WeakKeyDiction
 
 
 def guard_shapes(guard: StatementGuard) -> Any:
-    """The C-side set of shapes this rule set lets through (one per StatementGuard)."""
+    """The C-side set of shapes this rule set lets through, with their verdicts (one per StatementGuard)."""
     shapes = _SHAPES.get(guard)
     if shapes is None:
         assert _fastrelay is not None

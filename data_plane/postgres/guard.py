@@ -89,14 +89,20 @@ class StatementGuard:
         return verdict
 
 
-    def shape_allows(self, text: str, shape: str) -> bool:
-        """Whether every statement of `shape` (as the C lexer made it of `text`) passes with no rule
-        matching, so the C data path may let its repeats through without asking: the verdict was
-        cached by shape (its facts do not depend on literal values) and no rule looks at the text."""
+    def holds_for_shape(self, text: str, shape: str, verdict: Verdict | None) -> bool:
+        """Whether `verdict`, which `text` got (None: no rule matched), is the verdict of every
+        statement of `shape` (as the C lexer made it of `text`), so the C data path may give it to
+        their repeats without asking: check gives each of them the verdict it cached by shape (whose
+        facts do not depend on literal values), no rule looks at the text, and this is that verdict,
+        not an approval's outcome."""
         if self.guardrails.needs_text or not SHAPE_ACCELERATED or statement_shape(text) != shape:
             return False
         cached = self._by_shape.get(shape)
-        return isinstance(cached, Verdict) and cached.action == ALLOW and not cached.matched
+        if not isinstance(cached, Verdict):
+            return False
+        if verdict is None:
+            return cached.action == ALLOW and not cached.matched
+        return cached == verdict and verdict.approval_id is None and not stops(verdict)
 
 
 _guards: dict[str, StatementGuard] = {}

@@ -1,7 +1,8 @@
 /* Statement bookkeeping of one PostgreSQL session in C: the twin of tracker.StatementTracker plus
  * the evidence row of SessionInfo.statement_event, for a relay thread that does not hold the GIL.
- * Header-only, pure C99 with malloc/free; every function is static (inline only to keep unused ones
- * quiet): each extension that includes this header gets its own copy.
+ * Header-only, C99 with malloc/free (and GCC's __atomic builtins for the verdicts' reference
+ * counts); every function is static (inline only to keep unused ones quiet): each extension that
+ * includes this header gets its own copy.
  *
  * What the caller feeds, and what comes out:
  *   client → server  pgt_client_message(type, body) per decoded message (body without its 5-byte
@@ -34,9 +35,13 @@
  * reproduced, including UTF-8 decoding with errors="replace" (CPython's maximal-subpart policy),
  * repr() of binary float4/float8 parameters and the code-point truncation of long parameters.
  *
- * No guardrails here: every statement has verdict None (no rule, approval_id or guardrail field),
- * and StatementTracker.server_frames' `notable` callback has no C counterpart (it only serves
- * guardrail rewrites and ParameterStatus under a guard).
+ * Guardrails: the caller judges; a Query's or Parse's verdict comes with the message (NULL: None),
+ * as a pgt_verdict (below) when a rule matched without stopping the statement (a `log` rule). It is
+ * kept where tracker.py keeps it: on the Query's statement, on a prepared statement (judged) for
+ * each Execute of it, on its group (parse_verdict) for an error answering the Parse. Verdicts that
+ * stop a statement never get here (the caller hands the session to Python), so every row's
+ * activity_name is "query". StatementTracker.server_frames' `notable` callback has no C counterpart
+ * (it only serves guardrail rewrites and ParameterStatus under a guard).
  *
  * Numbers: rows and bytes are uint64_t (saturating where a tag's count would overflow; Python's
  * ints would not, but orjson could not write them either).
@@ -122,6 +127,77 @@ pgt__put(pgt_buf *b, const void *p, size_t n)
     b->len += n;
 }
 #define PGT__LIT(b, s) pgt__put((b), (s), sizeof(s) - 1)
+
+/* ------------------------------------------------------------------------------------------------
+ * verdicts
+ * ---------------------------------------------------------------------------------------------- */
+
+/* A guardrails verdict that lets its statement through, as its evidence row shows it: the row's
+ * members (`"rule":…,"approval_id":…`) and the details' member (`"guardrail":{…}`, empty without
+ * matched rules), byte for byte what orjson writes of SessionInfo.statement_event's, and the whole
+ * verdict for StatementTracker.restore (tracker.verdict_fields makes all three). Immutable, shared by
+ * reference count: atomic, since a rule set's shape cache hands one verdict to every relay thread. */
+typedef struct {
+    size_t refs;
+    const char *row, *details, *doc;
+    size_t row_len, details_len, doc_len;
+    char data[];
+} pgt_verdict;
+
+static inline pgt_verdict *
+pgt_verdict_new(const char *row, size_t row_len, const char *details, size_t details_len, const char *doc,
+                size_t doc_len)
+{
+    pgt_verdict *v;
+    char *p;
+    if (row_len > SIZE_MAX / 4 || details_len > SIZE_MAX / 4 || doc_len > SIZE_MAX / 4)
+        return NULL;
+    v = (pgt_verdict *)malloc(sizeof *v + row_len + details_len + doc_len + 1);
+    if (v == NULL)
+        return NULL;
+    v->refs = 1;
+    p = v->data;
+    v->row = p;
+    v->row_len = row_len;
+    if (row_len)
+        memcpy(p, row, row_len);
+    p += row_len;
+    v->details = p;
+    v->details_len = details_len;
+    if (details_len)
+        memcpy(p, details, details_len);
+    p += details_len;
+    v->doc = p;
+    v->doc_len = doc_len;
+    if (doc_len)
+        memcpy(p, doc, doc_len);
+    return v;
+}
+
+/* Another reference (v may be NULL: no verdict). */
+static inline pgt_verdict *
+pgt_verdict_ref(pgt_verdict *v)
+{
+    if (v != NULL)
+        __atomic_fetch_add(&v->refs, 1, __ATOMIC_RELAXED);
+    return v;
+}
+
+static inline void
+pgt_verdict_unref(pgt_verdict *v)
+{
+    if (v != NULL && __atomic_sub_fetch(&v->refs, 1, __ATOMIC_ACQ_REL) == 0)
+        free(v);
+}
+
+/* *slot holds a reference to v from now on (the one it held before is released). */
+static inline void
+pgt__verdict_set(pgt_verdict **slot, pgt_verdict *v)
+{
+    pgt_verdict *old = *slot;
+    *slot = pgt_verdict_ref(v);
+    pgt_verdict_unref(old);
+}
 
 /* One frame of a server chunk, as data_plane.postgres.framescan.scan_frames reports it:
  * (msg_type, offset of its type byte in the chunk, 1 + length (type byte and body), frames skipped
@@ -722,6 +798,7 @@ typedef struct { /* data_plane.core.session.Statement */
     double started, started_mono, finished_mono;
     uint64_t rows, bytes;
     pgt__span text, tag, params, sqlstate, error; /* JSON-escaped; params: the JSON list */
+    pgt_verdict *verdict;                          /* a reference, or NULL: None */
     unsigned char finished, skipped, parse_kind;
 } pgt__stmt;
 
@@ -730,6 +807,7 @@ typedef struct { /* tracker._Group */
     size_t n, cap, cursor;
     pgt_buf arena;        /* the strings of the group's statements: dropped with the group */
     pgt__span parse_text; /* the last Parse's query, escaped */
+    pgt_verdict *parse_verdict; /* and its verdict (a reference) */
     pgt__span *described; /* names (decoded, not escaped) awaiting a ParameterDescription */
     size_t described_first, described_n, described_cap;
     unsigned char simple, failed;
@@ -746,9 +824,10 @@ typedef struct { /* open addressing, linear probing, backward-shift deletion */
     size_t cap, count;
 } pgt__map;
 
-typedef struct { /* m.Parse, with its query as the evidence shows it (tracker.judged) */
+typedef struct { /* m.Parse, with its query as the evidence shows it and its verdict (tracker.judged) */
     pgt__key key;
     pgt_buf query; /* JSON-escaped */
+    pgt_verdict *verdict;
     uint32_t *types;
     size_t ntypes, types_cap;
 } pgt__prepared;
@@ -877,6 +956,7 @@ pgt__prepared_clear(pgt__prepared *p)
     free(p->key.name);
     pgt_buf_free(&p->query);
     free(p->types);
+    pgt__verdict_set(&p->verdict, NULL);
 }
 
 static inline void
@@ -968,9 +1048,21 @@ pgt__current(pgt_tracker *t)
     return pgt__current_of(pgt__head(t));
 }
 
+/* A group that is done (or a ring slot about to be reused) lets go of its verdicts. */
+static inline void
+pgt__group_release(pgt__group *g)
+{
+    size_t i;
+    for (i = 0; i < g->n; i++)
+        pgt__verdict_set(&g->stmts[i].verdict, NULL);
+    g->n = g->cursor = 0;
+    pgt__verdict_set(&g->parse_verdict, NULL);
+}
+
 static inline void
 pgt__slot_free(pgt__group *g)
 {
+    pgt__group_release(g);
     free(g->stmts);
     free(g->described);
     pgt_buf_free(&g->arena);
@@ -994,6 +1086,7 @@ pgt__push_group(pgt_tracker *t, int simple)
         t->head = 0;
     }
     g = &t->ring[(t->head + t->size) & (t->ring_cap - 1)];
+    pgt__group_release(g);
     g->arena.len = 0;
     if (pgt_buf_reserve(&g->arena, 256) < 0) /* never NULL while the group lives */
         return NULL;
@@ -1035,6 +1128,7 @@ pgt__idle(pgt_tracker *t)
     }
     for (i = 0; i < t->ring_cap; i++) {
         pgt__group *g = &t->ring[i];
+        pgt__group_release(g);
         if (g->arena.cap > PGT__IDLE_ARENA)
             pgt_buf_free(&g->arena);
         if (g->cap > PGT__IDLE_STATEMENTS) {
@@ -1222,7 +1316,7 @@ pgt_since_tag(const pgt_tracker *t)
 #define PGT__SKIPPED_TEXT "not executed: an earlier statement in the pipeline failed"
 #define PGT__ABANDONED_TEXT "the session ended before the statement completed"
 
-/* SessionInfo.statement_event(statement) for verdict None, serialized, plus statement_done's counts. */
+/* SessionInfo.statement_event(statement), serialized, plus statement_done's counts. */
 static inline int
 pgt__emit(pgt_tracker *t, const pgt__group *g, const pgt__stmt *s, pgt_buf *out)
 {
@@ -1231,9 +1325,11 @@ pgt__emit(pgt_tracker *t, const pgt__group *g, const pgt__stmt *s, pgt_buf *out)
     size_t duration_len = 4, need;
     double ms = s->started * 1000;
     int64_t time_ms = ms >= 9.2e18 || ms <= -9.2e18 || ms != ms ? 0 : (int64_t)ms; /* int(): truncates */
+    const pgt_verdict *verdict = s->verdict;
     int has_sqlstate = s->sqlstate.off != PGT__NONE, has_error = s->error.off != PGT__NONE;
     int failed = has_sqlstate || s->skipped || has_error;
-    int details = s->parse_kind || s->params.off != PGT__NONE || (failed && (s->skipped || (has_error && s->error.len)));
+    int details = s->parse_kind || s->params.off != PGT__NONE ||
+                  (failed && (s->skipped || (has_error && s->error.len))) || (verdict != NULL && verdict->details_len);
 
     if (s->finished)
         duration_len = pgt__format_duration(duration, s->finished_mono, s->started_mono);
@@ -1241,7 +1337,7 @@ pgt__emit(pgt_tracker *t, const pgt__group *g, const pgt__stmt *s, pgt_buf *out)
         memcpy(duration, "null", 4);
     need = 512 + s->text.len + duration_len + (s->tag.off != PGT__NONE ? s->tag.len : 0) +
            (s->params.off != PGT__NONE ? s->params.len : 0) + (has_sqlstate ? s->sqlstate.len : 0) +
-           (has_error ? 2 * s->error.len : 0);
+           (has_error ? 2 * s->error.len : 0) + (verdict != NULL ? verdict->row_len + verdict->details_len : 0);
     if (pgt_buf_reserve(out, need) < 0)
         return -1;
     t->seq++;
@@ -1281,6 +1377,10 @@ pgt__emit(pgt_tracker *t, const pgt__group *g, const pgt__stmt *s, pgt_buf *out)
         pgt__put(out, arena + s->error.off, s->error.len);
         out->data[out->len++] = '"';
     }
+    if (verdict != NULL) {
+        out->data[out->len++] = ',';
+        pgt__put(out, verdict->row, verdict->row_len);
+    }
     if (details) {
         char sep = '{';
         PGT__LIT(out, ",\"details\":");
@@ -1302,9 +1402,14 @@ pgt__emit(pgt_tracker *t, const pgt__group *g, const pgt__stmt *s, pgt_buf *out)
         }
         if (failed && has_error && s->error.len) {
             out->data[out->len++] = sep;
+            sep = ',';
             PGT__LIT(out, "\"error\":\"");
             pgt__put(out, arena + s->error.off, s->error.len);
             out->data[out->len++] = '"';
+        }
+        if (verdict != NULL && verdict->details_len) {
+            out->data[out->len++] = sep;
+            pgt__put(out, verdict->details, verdict->details_len);
         }
         out->data[out->len++] = '}';
     }
@@ -1543,7 +1648,8 @@ pgt__name(pgt_tracker *t, int which, const unsigned char *p, size_t n, const cha
 }
 
 static inline int
-pgt__query(pgt_tracker *t, const unsigned char *body, size_t len, double now_wall, double now_mono)
+pgt__query(pgt_tracker *t, const unsigned char *body, size_t len, double now_wall, double now_mono,
+           pgt_verdict *verdict)
 {
     const unsigned char *nul = len ? (const unsigned char *)memchr(body, 0, len) : NULL;
     pgt__group *g;
@@ -1556,6 +1662,7 @@ pgt__query(pgt_tracker *t, const unsigned char *body, size_t len, double now_wal
     if (g == NULL || (s = pgt__add_stmt(g, now_wall, now_mono)) == NULL ||
         pgt__arena_text(g, body, (size_t)(nul - body), 0, &s->text))
         return PGT_NOMEM;
+    s->verdict = pgt_verdict_ref(verdict);
     t->copy_state = PGT__IN_FIFO;
     t->copy_seq = t->head_seq + t->size - 1;
     t->copy_index = 0;
@@ -1563,7 +1670,7 @@ pgt__query(pgt_tracker *t, const unsigned char *body, size_t len, double now_wal
 }
 
 static inline int
-pgt__parse(pgt_tracker *t, const unsigned char *body, size_t len)
+pgt__parse(pgt_tracker *t, const unsigned char *body, size_t len, pgt_verdict *verdict)
 {
     const unsigned char *name, *query;
     const char *key;
@@ -1602,10 +1709,14 @@ pgt__parse(pgt_tracker *t, const unsigned char *body, size_t len)
     for (i = 0; i < ntypes; i++)
         entry->types[i] = pgt__u32(body + pos + 4 * i);
     entry->ntypes = ntypes;
+    pgt__verdict_set(&entry->verdict, verdict);
     if (pgt__extended_group(t, &g))
         return PGT_NOMEM;
-    if (g != NULL && pgt__arena_text(g, (const unsigned char *)entry->query.data, entry->query.len, 1, &g->parse_text))
-        return PGT_NOMEM;
+    if (g != NULL) {
+        if (pgt__arena_text(g, (const unsigned char *)entry->query.data, entry->query.len, 1, &g->parse_text))
+            return PGT_NOMEM;
+        pgt__verdict_set(&g->parse_verdict, verdict);
+    }
     return PGT_OK;
 }
 
@@ -1678,6 +1789,7 @@ pgt__execute(pgt_tracker *t, const unsigned char *body, size_t len, double now_w
         if (pgt__arena_text(g, (const unsigned char *)unknown, sizeof unknown - 1, 1, &s->text))
             return PGT_NOMEM;
     }
+    s->verdict = pgt_verdict_ref(prepared != NULL ? prepared->verdict : NULL);
     if (params) {
         size_t off = g->arena.len;
         if (pgt__render_params(&g->arena, &b, prepared ? prepared->types : NULL, prepared ? prepared->ntypes : 0))
@@ -1707,6 +1819,7 @@ pgt__close_or_describe(pgt_tracker *t, unsigned char type, const unsigned char *
         if (body[0] == 'S') {
             if (name_len == 0) {
                 t->has_unnamed_prepared = 0;
+                pgt__verdict_set(&t->unnamed_prepared.verdict, NULL);
             } else if ((i = pgt__map_find(&t->prepared, name, name_len, pgt__hash(name, name_len))) != PGT__NONE) {
                 pgt__prepared *entry = (pgt__prepared *)pgt__map_take(&t->prepared, i);
                 pgt__prepared_clear(entry);
@@ -1746,19 +1859,20 @@ pgt__close_or_describe(pgt_tracker *t, unsigned char type, const unsigned char *
 }
 
 /* One decoded client message (type byte, body without the 5-byte header), at time.time() and
- * time.monotonic() now: StatementTracker.client_message(type, body) with verdict and text None. */
+ * time.monotonic() now, with the guardrails' verdict of a Query or Parse (NULL: None; the tracker
+ * takes references of its own): StatementTracker.client_message(type, body, verdict). */
 static inline int
 pgt_client_message(pgt_tracker *t, unsigned char type, const unsigned char *body, size_t len, double now_wall,
-                   double now_mono)
+                   double now_mono, pgt_verdict *verdict)
 {
     pgt__group *g;
     int rc;
     switch (type) {
     case 'Q':
-        rc = pgt__query(t, body, len, now_wall, now_mono);
+        rc = pgt__query(t, body, len, now_wall, now_mono, verdict);
         break;
     case 'P':
-        rc = pgt__parse(t, body, len);
+        rc = pgt__parse(t, body, len, verdict);
         break;
     case 'B':
         rc = pgt__bind_message(t, body, len);
@@ -1896,6 +2010,7 @@ pgt__error_response(pgt_tracker *t, pgt__group *g, pgt__stmt *s, const unsigned 
         if ((s = pgt__add_stmt(g, now + t->wall_offset, now)) == NULL)
             return PGT_NOMEM;
         s->parse_kind = 1;
+        s->verdict = pgt_verdict_ref(g->parse_verdict);
         if (g->parse_text.off != PGT__NONE && g->parse_text.len)
             s->text = g->parse_text;
         else if (pgt__arena_text(g, (const unsigned char *)unknown, sizeof unknown - 1, 1, &s->text))
@@ -1971,6 +2086,7 @@ pgt__ready_for_query(pgt_tracker *t, pgt__stmt *s, double now, pgt_buf *events)
     for (i = 0; i < g->n; i++)
         if (pgt__emit(t, g, &g->stmts[i], events))
             return PGT_NOMEM;
+    pgt__group_release(g);
     pgt__idle(t);
     return PGT_OK;
 }
@@ -2082,6 +2198,7 @@ pgt_abandon(pgt_tracker *t, double now_mono, pgt_buf *events)
         }
         for (i = g->cursor; i < g->n; i++)
             pgt__emit(t, g, &g->stmts[i], events);
+        pgt__group_release(g);
     }
     t->copy_state = PGT__NO_GROUP;
     pgt__idle(t);
@@ -2096,6 +2213,7 @@ typedef struct { /* StatementTracker.prepared[name] = m.Parse(name, query, param
     size_t name_len, query_len;
     const uint32_t *param_types;
     size_t nparam_types;
+    const pgt_verdict *verdict; /* StatementTracker.judged[name] = (query, verdict) */
 } pgt_prepared_info;
 
 typedef struct { /* StatementTracker.portals[name] = (statement, m.parse_bind(bind)) */
@@ -2130,6 +2248,7 @@ pgt__export_prepared(pgt_tracker *t, const pgt__prepared *p, int (*cb)(void *, c
     info.query_len = t->scratch[2].len;
     info.param_types = p->types;
     info.nparam_types = p->ntypes;
+    info.verdict = p->verdict;
     return cb(arg, &info);
 }
 
@@ -2148,8 +2267,8 @@ pgt__export_portal(const pgt__portal *p, int (*cb)(void *, const pgt_portal_info
 
 /* Calls on_prepared for each prepared statement, then on_portal for each portal (either may be
  * NULL); stops at the first nonzero return and returns it (PGT_NOMEM: out of memory). Python's
- * tracker.judged[name] is (query, None) for each prepared statement. Strings are valid until the
- * next call on the tracker. */
+ * tracker.judged[name] is (query, the verdict's doc or None) for each prepared statement. Strings
+ * are valid until the next call on the tracker. */
 static inline int
 pgt_export(pgt_tracker *t, int (*on_prepared)(void *, const pgt_prepared_info *),
            int (*on_portal)(void *, const pgt_portal_info *), void *arg)

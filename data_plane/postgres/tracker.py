@@ -4,6 +4,7 @@ or the extended-protocol messages up to a Sync) is enough to pair them, pipeline
 
 from __future__ import annotations
 
+import dataclasses
 import struct
 import uuid
 from collections.abc import Callable, Mapping, Sequence
@@ -288,11 +289,12 @@ class StatementTracker:
 
     def restore(self, state: Mapping[str, Any]) -> None:
         """Carry on where the C data path's tracker stopped (data_plane.postgres.fastpath hands a
-        session back): its prepared statements, portals and groups in flight, as _fastrelay exports
-        them (strings JSON-escaped, as pgtrack.h keeps them)."""
-        for name, query, types in state["prepared"]:
+        session back): its prepared statements, portals and groups in flight, verdicts included, as
+        _fastrelay exports them (strings JSON-escaped, as pgtrack.h keeps them; verdicts as
+        verdict_fields made them)."""
+        for name, query, types, verdict in state["prepared"]:
             self.prepared[name] = m.Parse(name, query, tuple(types))
-            self.judged[name] = (query, None)  # the C path relays no statement a secret could be in
+            self.judged[name] = (query, _verdict(verdict))  # the C path relays no statement a secret could be in
         for name, statement, bind in state["portals"]:
             self.portals[name] = (statement, m.parse_bind(bind))
         groups: list[_Group] = []
@@ -301,6 +303,7 @@ class StatementTracker:
             group.cursor = doc["cursor"]
             group.failed = doc["failed"]
             group.parse_text = _unescape(doc["parse_text"])
+            group.parse_verdict = _verdict(doc["parse_verdict"])
             group.described = list(doc["described"]) or None
             groups.append(group)
         self.groups = groups
@@ -333,6 +336,23 @@ class StatementTracker:
             group.cursor += 1
 
 
+def verdict_fields(verdict: Verdict) -> tuple[bytes, bytes, bytes]:
+    """A verdict as pgtrack.h keeps it: what SessionInfo.statement_event writes of it, as orjson writes
+    it (the row's `"rule":…,"approval_id":…`; the details' `"guardrail":{…}`, empty without matched
+    rules), spliced into the C tracker's rows; and the whole verdict, which restore reads back."""
+    row = b'"rule":' + orjson.dumps(verdict.rule) + b',"approval_id":' + orjson.dumps(verdict.approval_id)
+    details = (b'"guardrail":' + orjson.dumps({"action": verdict.action, "rules": list(verdict.matched)})
+               if verdict.matched else b"")
+    return row, details, orjson.dumps(dataclasses.asdict(verdict))
+
+
+def _verdict(doc: bytes | None) -> Verdict | None:
+    if doc is None:
+        return None
+    fields = orjson.loads(doc)
+    return Verdict(**fields | {"matched": tuple(fields["matched"])})
+
+
 def _unescape(escaped: bytes | None) -> str | None:
     return None if escaped is None else orjson.loads(b'"' + escaped + b'"')
 
@@ -344,4 +364,4 @@ def _statement(doc: Mapping[str, Any]) -> Statement:
                      command_tag=_unescape(doc["command_tag"]),
                      rows=doc["rows"], bytes=doc["bytes"], sqlstate=_unescape(doc["sqlstate"]),
                      error=_unescape(doc["error"]), finished_mono=doc["finished_mono"], skipped=doc["skipped"],
-                     kind=doc["kind"])
+                     kind=doc["kind"], verdict=_verdict(doc["verdict"]))
