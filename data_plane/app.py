@@ -23,7 +23,7 @@ from data_plane.core.credentials import CredentialBroker
 from data_plane.core.grants import GrantAuthority
 from data_plane.core.registry import SessionRegistry
 from data_plane.core.sealed import BreakGlassKey
-from data_plane.core.spool import Spool, read_json
+from data_plane.core.spool import Spool, read_json, wait_background
 from data_plane.core.stream import Stream
 from data_plane.postgres.session import PostgresSession
 
@@ -146,6 +146,7 @@ class Gateway:
         for task in self.background:
             task.cancel()
         self.admin.close()
+        await asyncio.to_thread(wait_background)  # every ended session sealed and marked closed
         self.stop_shipper()
 
     def stop_shipper(self) -> None:

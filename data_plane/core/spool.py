@@ -7,14 +7,21 @@
     <root>/sessions/<id>/summary.json    totals, written when the session ends
     <root>/sessions/<id>/closed          marker: nothing more will be written
     <root>/sessions/<id>/shipped.json    the shipper's progress
+
+Written files are in the page cache before anything is relayed (a gateway crash loses nothing);
+their fsyncs (what a machine crash needs) run on one background thread, in order, so a session's
+start and end never wait for the disk on the event loop: the recording's own fsync policy is in
+recording.py.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -22,14 +29,47 @@ import orjson
 
 from data_plane.core.recording import WIRE, RecordingWriter
 
+log = logging.getLogger("proctor.gateway.spool")
 
-def write_json_atomic(path: Path, doc: Mapping[str, Any]) -> None:
+# One thread, so the disk sees a session's fsyncs in the order they were asked for (its start before
+# its end); joined at interpreter exit, so a draining gateway finishes them before it is gone.
+_SYNCER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="proctor-fsync")
+
+
+def in_background(task: Callable[..., None], *args: Any) -> None:
+    """Runs a spool's disk work on the fsync thread; a failure is logged (the data is in the page cache)."""
+    def run() -> None:
+        try:
+            task(*args)
+        except OSError:
+            log.exception("spool disk work failed: %s", getattr(task, "__qualname__", task))
+    _SYNCER.submit(run)
+
+
+def wait_background() -> None:
+    """Returns once the disk work asked for so far is done (a drain waits so before the last shipping)."""
+    _SYNCER.submit(lambda: None).result()
+
+
+def _fsync_path(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_json_atomic(path: Path, doc: Mapping[str, Any], *, sync: bool = True) -> None:
+    """Replace `path` whole; `sync=False` leaves the file's fsync to the background thread."""
     tmp = path.with_suffix(path.suffix + ".tmp")
     with open(tmp, "w") as fh:
         json.dump(doc, fh, sort_keys=True, default=str)
         fh.flush()
-        os.fsync(fh.fileno())
+        if sync:
+            os.fsync(fh.fileno())
     tmp.replace(path)
+    if not sync:
+        in_background(_fsync_path, str(path))
 
 
 class Spool:
@@ -44,7 +84,8 @@ class Spool:
     def open_session(self, session_id: str, meta: Mapping[str, Any]) -> SessionEvidence:
         directory = self.sessions_dir / session_id
         directory.mkdir(mode=0o700)
-        write_json_atomic(directory / "meta.json", dict(meta, session_id=session_id, instance_id=self.instance_id))
+        write_json_atomic(directory / "meta.json", dict(meta, session_id=session_id, instance_id=self.instance_id),
+                          sync=False)
         return SessionEvidence(directory, session_id, fsync_interval=self.fsync_interval)
 
     def backlog_bytes(self) -> int:
@@ -93,15 +134,23 @@ class SessionEvidence:
 
     def write_template(self, version: int, doc: Mapping[str, Any]) -> None:
         """The fields this session's compact events share (see contract.EventTemplate)."""
-        write_json_atomic(self.directory / f"template-{version}.json", doc)
+        write_json_atomic(self.directory / f"template-{version}.json", doc, sync=False)
 
     def add_event(self, row: Mapping[str, Any]) -> None:
         os.write(self._events_fd, orjson.dumps(row, default=str, option=orjson.OPT_APPEND_NEWLINE))
 
-    def close(self, summary: Mapping[str, Any]) -> None:
+    def close(self, summary: Mapping[str, Any], *, background: bool = False) -> None:
+        """Nothing more is written; the files are made durable, the totals written and the session
+        marked closed for the shipper — on the fsync thread when `background` (the event loop's way)."""
         if self.closed:
             return
         self.closed = True
+        if background:
+            in_background(self._seal, summary)
+        else:
+            self._seal(summary)
+
+    def _seal(self, summary: Mapping[str, Any]) -> None:
         self.recording.close()
         os.fsync(self._events_fd)
         os.close(self._events_fd)

@@ -486,7 +486,7 @@ class PostgresSession:
             metrics.BYTES.labels("postgres", "in").inc(self.info.bytes_in)
             metrics.BYTES.labels("postgres", "out").inc(self.info.bytes_out)
         try:
-            evidence.close(self.info.summary(ended))
+            evidence.close(self.info.summary(ended), background=True)
         except OSError:
             log.exception("could not close the spool of session %s", self.session_id)
 
