@@ -742,19 +742,30 @@ def attempt(bench: Bench, keys: list[str], path: str, run: Callable[[], Figure |
         for key in keys:
             bench.record(key, path, Figure(error="unavailable"))
         return
-    waited = settle(bench)
-    log(f"{keys[0]} via {path}" + (f" (after {waited:.1f} s for the gateways to go quiet)" if waited >= 1 else ""))
-    try:
-        figures = run()
-    except Exception as exc:  # every failure is a result to report
-        message = scrub(f"{type(exc).__name__}: {exc}".strip())
-        print(f"   failed: {message}", flush=True)
+    figures, error = run_settled(bench, f"{keys[0]} via {path}", run)
+    if error is not None:
         for key in keys:
-            bench.record(key, path, Figure(error=message))
+            bench.record(key, path, Figure(error=error))
         return
     for key, figure in zip(keys, figures if isinstance(figures, tuple) else (figures,), strict=True):
         bench.record(key, path, figure)
-        print(f"   {key}: {figure.value:.2f}" + (f"  ({scrub(figure.note)})" if figure.note else ""), flush=True)
+        show(key, figure)
+
+
+def run_settled(bench: Bench, label: str, run: Callable[[], Any]) -> tuple[Any, str | None]:
+    """Once the gateways are quiet: (what `run` returned, None), or (None, the failure as the table shows it)."""
+    waited = settle(bench)
+    log(label + (f" (after {waited:.1f} s for the gateways to go quiet)" if waited >= 1 else ""))
+    try:
+        return run(), None
+    except Exception as exc:  # every failure is a result to report
+        message = scrub(f"{type(exc).__name__}: {exc}".strip())
+        print(f"   failed: {message}", flush=True)
+        return None, message
+
+
+def show(key: str, figure: Figure) -> None:
+    print(f"   {key}: {figure.value:.2f}" + (f"  ({scrub(figure.note)})" if figure.note else ""), flush=True)
 
 
 def suite_start(bench: Bench, suite: str) -> None:
@@ -799,17 +810,13 @@ def attempt_rounds(bench: Bench, key: str, paths: tuple[str, ...], run: Callable
         for path in paths[shift:] + paths[:shift]:
             if path in bench.unavailable or path in errors:
                 continue
-            waited = settle(bench)
-            log(f"{key} via {path}, round {number + 1}/{rounds}"
-                + (f" (after {waited:.1f} s for the gateways to go quiet)" if waited >= 1 else ""))
-            try:
-                figure = run(path)
-            except Exception as exc:  # every failure is a result to report
-                errors[path] = scrub(f"{type(exc).__name__}: {exc}".strip())
-                print(f"   failed: {errors[path]}", flush=True)
+            figure, error = run_settled(bench, f"{key} via {path}, round {number + 1}/{rounds}",
+                                        lambda p=path: run(p))
+            if error is not None:
+                errors[path] = error
                 continue
             runs[path].append(figure)
-            print(f"   {key}: {figure.value:.2f}" + (f"  ({scrub(figure.note)})" if figure.note else ""), flush=True)
+            show(key, figure)
     for path in paths:
         if path in bench.unavailable:
             bench.record(key, path, Figure(error="unavailable"))

@@ -11,6 +11,7 @@ import subprocess
 import time
 import urllib.request
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 import psycopg
@@ -82,28 +83,40 @@ def no_guardrails_token(stack: Stack, run_id: str) -> str:
     return stack.pipeline_token(run_id=run_id, repository=NO_GUARDRAILS_REPOSITORY)
 
 
-def test_the_c_data_path_writes_the_evidence_the_python_relay_writes(stack: Stack) -> None:
-    """One workload through the stack's gateway (C data path) and through a gateway with the C data
-    path off: every statement row matches, field for field (times aside)."""
+def relayed_in_c_and_in_python(stack: Stack, name: str, token_for: Callable[[str], str],
+                               workload: Callable[[dict[str, Any]], None],
+                               rows_of: Callable[..., list[tuple[Any, ...]]], *, at_least: int,
+                               ) -> tuple[list[tuple[Any, ...]], dict[str, int], dict[str, int]]:
+    """The workload through the stack's gateway, where the C data path relays it from start to end
+    (adopted, never handed back), then through gateway `name` with the C data path off; their
+    statement rows (`rows_of` a run id, at least `at_least`) are equal, field for field. Returns the
+    C run's rows and the fast-path counts before and after it."""
     before = fast_path_counts(stack)
-    fast_run, slow_run = f"fast-{uuid.uuid4().hex[:8]}", f"slow-{uuid.uuid4().hex[:8]}"
-    workload(stack.conninfo(stack.grant(no_guardrails_token(stack, fast_run))))
+    fast_run, slow_run = f"{name}-c-{uuid.uuid4().hex[:8]}", f"{name}-py-{uuid.uuid4().hex[:8]}"
+    workload(stack.conninfo(stack.grant(token_for(fast_run))))
     after = fast_path_counts(stack)
     assert after.get("adopted", 0) > before.get("adopted", 0)
     assert after.get("ejected", 0) == before.get("ejected", 0)  # the whole workload stayed in C
 
-    proc, info, port = stack.extra_gateway("python-relay", PROCTOR_FAST_PATH="false")
+    proc, info, port = stack.extra_gateway(name, PROCTOR_FAST_PATH="false")
     try:
-        grant = stack.grant(no_guardrails_token(stack, slow_run))
-        workload(stack.conninfo(grant, port=port, sslrootcert=info["ca_file"]))
+        workload(stack.conninfo(stack.grant(token_for(slow_run)), port=port, sslrootcert=info["ca_file"]))
         assert fast_path_counts(stack, info["admin_port"]).get("adopted", 0) == 0
-        slow = statement_rows(stack, slow_run, at_least=21)  # shipped by that gateway
+        slow = rows_of(stack, slow_run, at_least=at_least)  # shipped by that gateway
     finally:
         stop_process_group(proc)
-    fast = statement_rows(stack, fast_run, at_least=len(slow))
+    fast = rows_of(stack, fast_run, at_least=len(slow))
     assert len(fast) == len(slow)
     for fast_row, slow_row in zip(fast, slow, strict=True):
         assert fast_row == slow_row
+    return fast, before, after
+
+
+def test_the_c_data_path_writes_the_evidence_the_python_relay_writes(stack: Stack) -> None:
+    """One workload through the stack's gateway (C data path) and through a gateway with the C data
+    path off: every statement row matches, field for field (times aside)."""
+    fast, _, _ = relayed_in_c_and_in_python(stack, "python-relay", lambda run: no_guardrails_token(stack, run),
+                                            workload, statement_rows, at_least=21)
     assert any(row[5] == "22012" for row in fast)  # the division by zero
     assert any(row[5] == "42P01" for row in fast)  # the pipeline's error
     assert any(json.loads(row[7] or "{}").get("parameters") == ["7", "é ✓", "2.5", "true"] for row in fast)
@@ -155,25 +168,9 @@ def test_writes_a_log_rule_matches_stay_in_the_c_data_path_with_the_python_relay
     """Under the seeded pipeline policy (its `log-writes` rule logs every write): an INSERT-heavy
     workload is relayed by the C data path from start to end, each shape judged by Python once, and
     every statement row (rule and guardrail details included) is the Python relay's, field for field."""
-    before = fast_path_counts(stack)
-    fast_run, slow_run = f"logfast-{uuid.uuid4().hex[:8]}", f"logslow-{uuid.uuid4().hex[:8]}"
-    insert_workload(stack.conninfo(stack.grant(stack.pipeline_token(run_id=fast_run))))
-    after = fast_path_counts(stack)
-    assert after.get("adopted", 0) > before.get("adopted", 0)
-    assert after.get("ejected", 0) == before.get("ejected", 0)  # no INSERT handed the session back
-
-    proc, info, port = stack.extra_gateway("python-relay-log", PROCTOR_FAST_PATH="false")
-    try:
-        grant = stack.grant(stack.pipeline_token(run_id=slow_run))
-        insert_workload(stack.conninfo(grant, port=port, sslrootcert=info["ca_file"]))
-        assert fast_path_counts(stack, info["admin_port"]).get("adopted", 0) == 0
-        slow = guarded_statement_rows(stack, slow_run, at_least=45)
-    finally:
-        stop_process_group(proc)
-    fast = guarded_statement_rows(stack, fast_run, at_least=len(slow))
-    assert len(fast) == len(slow)
-    for fast_row, slow_row in zip(fast, slow, strict=True):
-        assert fast_row == slow_row
+    fast, before, after = relayed_in_c_and_in_python(
+        stack, "python-relay-log", lambda run: stack.pipeline_token(run_id=run), insert_workload,
+        guarded_statement_rows, at_least=45)
     logged = [row for row in fast if row[7] == "log-writes"]
     assert len(logged) >= 25
     assert all(json.loads(row[9])["guardrail"] == {"action": "log", "rules": ["log-writes"]} for row in logged)

@@ -14,6 +14,7 @@ import sys
 import threading
 import time
 import uuid
+from typing import Any
 
 import asyncpg
 import psycopg
@@ -195,16 +196,21 @@ def test_sqlalchemy_over_psycopg(stack: Stack) -> None:
     assert [n for (n,) in names] == ["Ada Lovelace", "Alan Turing"]
 
 
+def assert_cancel_ends_a_sleep(conn: psycopg.Connection[Any]) -> None:
+    """A cancel sent while the connection sleeps ends the statement soon, and the session carries on."""
+    timer = threading.Timer(0.5, conn.cancel_safe)
+    timer.start()
+    started = time.monotonic()
+    with pytest.raises(psycopg.errors.QueryCanceled):
+        conn.execute("SELECT pg_sleep(30)")
+    assert time.monotonic() - started < 10
+    assert conn.execute("SELECT 'after cancel'").fetchone() == ("after cancel",)
+
+
 def test_cancel_reaches_the_backend(stack: Stack) -> None:
     grant = stack.grant(stack.pipeline_token(run_id="cancel-1"))
     with psycopg.connect(**stack.conninfo(grant), autocommit=True) as conn:
-        timer = threading.Timer(0.5, conn.cancel_safe)
-        timer.start()
-        started = time.monotonic()
-        with pytest.raises(psycopg.errors.QueryCanceled):
-            conn.execute("SELECT pg_sleep(30)")
-        assert time.monotonic() - started < 10
-        assert conn.execute("SELECT 'after cancel'").fetchone() == ("after cancel",)
+        assert_cancel_ends_a_sleep(conn)
     rows = events_for_run(stack, "cancel-1", at_least=2)
     assert rows[0]["sqlstate"] == "57014"
 

@@ -246,20 +246,10 @@ Tracker_counts(TrackerObject *self, PyObject *Py_UNUSED(ignored))
 static int
 export_prepared(void *arg, const pgt_prepared_info *info)
 {
-    PyObject *prepared = ((PyObject **)arg)[0], *name, *types, *value;
-    size_t i;
+    PyObject *prepared = ((PyObject **)arg)[0], *name, *types = pgtpy_param_types(info), *value;
     int rc;
-    types = PyTuple_New((Py_ssize_t)info->nparam_types);
     if (types == NULL)
         return -10;
-    for (i = 0; i < info->nparam_types; i++) {
-        PyObject *oid = PyLong_FromUnsignedLong(info->param_types[i]);
-        if (oid == NULL) {
-            Py_DECREF(types);
-            return -10;
-        }
-        PyTuple_SET_ITEM(types, (Py_ssize_t)i, oid);
-    }
     value = Py_BuildValue("(s#NN)", info->query, (Py_ssize_t)info->query_len, types,
                           pgtpy_verdict_doc(info->verdict));
     name = PyUnicode_FromStringAndSize(info->name, (Py_ssize_t)info->name_len);

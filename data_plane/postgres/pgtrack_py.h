@@ -46,21 +46,31 @@ pgtpy__span_bytes(const pgt__group *g, pgt__span sp)
     return PyBytes_FromStringAndSize(g->arena.data + sp.off, (Py_ssize_t)sp.len);
 }
 
-static inline int
-pgtpy__export_prepared(void *arg, const pgt_prepared_info *info)
+/* A prepared statement's parameter type OIDs, as a tuple (new reference), or NULL with an exception set. */
+static inline PyObject *
+pgtpy_param_types(const pgt_prepared_info *info)
 {
-    PyObject *types = PyTuple_New((Py_ssize_t)info->nparam_types), *item;
+    PyObject *types = PyTuple_New((Py_ssize_t)info->nparam_types);
     size_t i;
     if (types == NULL)
-        return -1;
+        return NULL;
     for (i = 0; i < info->nparam_types; i++) {
         PyObject *oid = PyLong_FromUnsignedLong(info->param_types[i]);
         if (oid == NULL) {
             Py_DECREF(types);
-            return -1;
+            return NULL;
         }
         PyTuple_SET_ITEM(types, (Py_ssize_t)i, oid);
     }
+    return types;
+}
+
+static inline int
+pgtpy__export_prepared(void *arg, const pgt_prepared_info *info)
+{
+    PyObject *types = pgtpy_param_types(info), *item;
+    if (types == NULL)
+        return -1;
     item = Py_BuildValue("(s#s#NN)", info->name, (Py_ssize_t)info->name_len, info->query,
                          (Py_ssize_t)info->query_len, types, pgtpy_verdict_doc(info->verdict));
     if (item == NULL || PyList_Append((PyObject *)arg, item) < 0) {
