@@ -13,7 +13,7 @@ import struct
 import time
 import uuid
 import zlib
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -284,7 +284,7 @@ class EventTemplate:
         if identity is not None:
             base.update(_identity_fields(identity))
         base.update(fields)
-        self._base = base
+        self._base = _sorted(base)
         self._class_uid = class_uid
         self._class_name = class_name
         self._activities = ACTIVITIES[class_uid]
@@ -296,6 +296,7 @@ class EventTemplate:
     def from_doc(cls, doc: Mapping[str, Any]) -> EventTemplate:
         template = cls((int(doc["class"][0]), str(doc["class"][1])))
         template._base.update({k: v for k, v in doc["base"].items() if k in _COLUMN_SET})
+        template._base = _sorted(template._base)
         return template
 
     @staticmethod
@@ -322,9 +323,37 @@ class EventTemplate:
             activity_id=activity_id,
             type_uid=self._class_uid * 100 + activity_id,
             severity_id=1 if row["status"] == STATUS_SUCCESS else 3,
-            details=details if details is None or isinstance(details, str) else _DETAILS.encode(details),
+            details=details if details is None or isinstance(details, str) else details_text(details),
         )
         return row
+
+    def expand_line(self, compact: Mapping[str, Any], event_id: str) -> tuple[dict[str, Any], bytes]:
+        """The full row and `jsonl_line` of it, without sorting the keys of every row: the base is in
+        key order, and a row of known columns keeps that order."""
+        row = self.expand(compact, event_id)
+        if len(row) == len(self._base) and orjson is not None:
+            try:
+                return row, orjson.dumps(row, default=str, option=_ORJSON_UNSORTED)
+            except TypeError:
+                pass
+        return row, jsonl_line(row)
+
+    def fixed_parts(self, activity: str, sets: Collection[str], may_set: Sequence[str],
+                    ) -> tuple[bytes, tuple[bytes, ...]]:
+        """For rows of `activity` written whole elsewhere (the C data path's, pgtrack.h's pgt_full), which
+        set the columns `sets` themselves and each of `may_set` or not: the `,"column":value` members of
+        every other column, and those of each of `may_set` for a row without it, as `expand` fills them."""
+        assert orjson is not None, "full rows are written where orjson is installed (the gateway)"
+        activity_id = self._activities.get(activity, 99)
+        row = dict(self._base, activity_id=activity_id, type_uid=self._class_uid * 100 + activity_id)
+        if row.get("details") is not None and not isinstance(row["details"], str):
+            row["details"] = details_text(row["details"])
+
+        def member(column: str) -> bytes:
+            return b"," + orjson.dumps(column) + b":" + orjson.dumps(row[column], default=str, option=_ORJSON_DETAILS)
+
+        rest = b"".join(member(column) for column in row if column not in sets and column not in may_set)
+        return rest, tuple(member(column) for column in may_set)
 
     def row(self, activity: str, *, status: str = STATUS_SUCCESS, now: float | None = None,
             details: Mapping[str, Any] | None = None, **fields: Any) -> dict[str, Any]:
@@ -333,8 +362,20 @@ class EventTemplate:
                            new_event_id())
 
 
-# `json.dumps(details, sort_keys=True, default=str)` without building an encoder per row
-_DETAILS = json.JSONEncoder(sort_keys=True, default=str)
+def _sorted(fields: Mapping[str, Any]) -> dict[str, Any]:
+    return {key: fields[key] for key in sorted(fields)}
+
+
+def details_text(details: Mapping[str, Any]) -> str:
+    """The `details` column: the details as compact JSON, keys sorted (orjson where it is installed,
+    json elsewhere: the same JSON values either way)."""
+    if orjson is not None:
+        try:
+            return orjson.dumps(details, default=str, option=_ORJSON_DETAILS).decode()
+        except TypeError:  # what orjson refuses (integers beyond 64 bits, lone surrogates): json's way
+            pass
+    return json.dumps(details, sort_keys=True, default=str, separators=(",", ":"), ensure_ascii=False)
+
 _last_second: tuple[int, str] = (-1, "")  # the last whole second formatted: a busy session's rows share it
 
 
@@ -352,8 +393,9 @@ def iso_millis(ms: int) -> str:
 
 def session_event_id(session_id: str, seq: int) -> str:
     """Event ids of session events are a function of (session, sequence): a re-shipped event keeps
-    its id, so de-duplication by event_id is exact."""
-    return hashlib.blake2b(f"{session_id}:{seq}".encode(), digest_size=16).hexdigest()
+    its id, so de-duplication by event_id is exact. SHA-256, as the C data path computes it too
+    (pgtrack.h's full rows)."""
+    return hashlib.sha256(f"{session_id}:{seq}".encode()).hexdigest()[:32]
 
 
 def evidence_event(
@@ -378,13 +420,17 @@ _dates: dict[int, str] = {}  # day number -> "YYYY-MM-DD": a batch of events spa
 
 def event_partition(row: Mapping[str, Any]) -> tuple[str, str]:
     """(dt, region) partition of an event row."""
-    day = int(row["time"]) // _DAY_MS
+    return partition_of(int(row["time"]), str(row.get("gateway_region") or "global"))
+
+
+def partition_of(time_ms: int, region: str) -> tuple[str, str]:
+    day = time_ms // _DAY_MS
     dt = _dates.get(day)
     if dt is None:
         if len(_dates) > 1024:
             _dates.clear()
         dt = _dates[day] = datetime.fromtimestamp(day * (_DAY_MS // 1000), UTC).strftime("%Y-%m-%d")
-    return dt, str(row.get("gateway_region") or "global")
+    return dt, region
 
 
 def event_object_key(dt: str, region: str, batch_id: str, prefix: str = EVENTS_PREFIX) -> str:
@@ -393,8 +439,10 @@ def event_object_key(dt: str, region: str, batch_id: str, prefix: str = EVENTS_P
 
 if orjson is not None:
     # What json.dumps(default=str) would write as str() goes to default=str here too.
-    _ORJSON_OPTIONS = (orjson.OPT_SORT_KEYS | orjson.OPT_APPEND_NEWLINE | orjson.OPT_NON_STR_KEYS
-                       | orjson.OPT_PASSTHROUGH_DATETIME | orjson.OPT_PASSTHROUGH_DATACLASS)
+    _ORJSON_DETAILS = (orjson.OPT_SORT_KEYS | orjson.OPT_NON_STR_KEYS | orjson.OPT_PASSTHROUGH_DATETIME
+                       | orjson.OPT_PASSTHROUGH_DATACLASS)
+    _ORJSON_OPTIONS = _ORJSON_DETAILS | orjson.OPT_APPEND_NEWLINE
+    _ORJSON_UNSORTED = _ORJSON_OPTIONS & ~orjson.OPT_SORT_KEYS
 
 
 def jsonl_line(row: Mapping[str, Any]) -> bytes:
@@ -556,15 +604,40 @@ class EventBatch:
         self.rows = 0
         self.first_time: int | None = None  # the earliest row's time (ms)
 
-    def add(self, row: Mapping[str, Any]) -> None:
+    def add(self, row: Mapping[str, Any], line: bytes | None = None) -> None:
+        """Adds the row; `line` is a JSON line of it when the caller has one already."""
         partition = event_partition(row)
         part = self._parts.get(partition)
         if part is None:
             part = self._parts[partition] = GzipLines()
-        part.add(jsonl_line(row))
+        part.add(jsonl_line(row) if line is None else line)
         when = int(row["time"])
         self.first_time = when if self.first_time is None else min(self.first_time, when)
         self.rows += 1
+
+    def add_line(self, line: bytes) -> bool:
+        """Adds a full row's JSON line as the C data path writes it (pgtrack.h's full rows: `time`
+        first, a plain `gateway_region`), without parsing it; False, adding nothing, for a line that
+        is not one. The spool holds no torn line of the C data path's: a failed write is cut off
+        before anything follows it (_spoolmap.h), and the shipper drops a dead gateway's last one."""
+        comma = line.find(b",", 8)
+        at = line.find(b',"gateway_region":"')
+        if (comma < 0 or at < 0 or not line.startswith(b'{"time":') or not line.endswith(b"}")
+                or not line[8:comma].isdigit()):
+            return False
+        start = at + 19
+        region = line[start:line.find(b'"', start)]
+        if b"\\" in region:
+            return False
+        when = int(line[8:comma])
+        partition = partition_of(when, region.decode() or "global")
+        part = self._parts.get(partition)
+        if part is None:
+            part = self._parts[partition] = GzipLines()
+        part.add(line + b"\n")
+        self.first_time = when if self.first_time is None else min(self.first_time, when)
+        self.rows += 1
+        return True
 
     @property
     def partitions(self) -> list[tuple[str, str]]:

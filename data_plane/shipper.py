@@ -38,7 +38,7 @@ from control_plane.contract import (
     session_event_id,
     session_index_key,
 )
-from data_plane.core.recording import complete_prefix, first_record_size, genesis
+from data_plane.core.recording import complete_prefix, first_record_size, genesis, verified_prefix
 from data_plane.core.spool import read_json, write_json_atomic
 
 log = logging.getLogger("proctor.shipper")
@@ -53,6 +53,35 @@ def _dt(ts: float) -> str:
 
 def _iso(ts: float | None) -> str | None:
     return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds") if ts else None
+
+
+def _trim_unwritten(directory: Path, progress: dict[str, Any]) -> None:
+    """A dead gateway's spool files may end in the zeros its C data path had allocated and not
+    written yet (_spoolmap.h), and the events in a line it did not finish: cut both off, so that what
+    follows (the orphan's disconnect row) is appended after whole rows. A partial record before the
+    zeros is left as it is, to be counted as torn."""
+    for name, key in (("recording.bin", "recording_offset"), ("events.jsonl", "events_offset")):
+        path = directory / name
+        try:
+            with open(path, "r+b") as fh:
+                offset = int(progress[key])
+                fh.seek(offset)
+                rest = fh.read()
+                if name == "recording.bin":
+                    end = complete_prefix(rest)
+                    if end < len(rest) and not rest[end:].strip(b"\0"):
+                        fh.truncate(offset + end)
+                    continue
+                unwritten = rest.find(b"\0")
+                written = rest if unwritten < 0 else rest[:unwritten]
+                end = written.rfind(b"\n") + 1
+                if end < len(written):
+                    log.error("session %s: dropping the torn last event line a dead gateway left (%d bytes)",
+                              directory.name, len(written) - end)
+                if end < len(rest):
+                    fh.truncate(offset + end)
+        except FileNotFoundError:
+            continue
 
 
 class Shipper:
@@ -91,7 +120,7 @@ class Shipper:
                     continue
                 meta, progress, closed = state
                 due = closed or flush or time.time() - float(progress["shipped_at"]) >= self.max_delay
-                written += self._ship_recording(directory, meta, progress, due)
+                written += self._ship_recording(directory, meta, progress, due, closed)
                 end, count = self._read_events(directory, meta["session_id"], progress, events)
                 if count or end:
                     batch.append((directory, progress, end, count))
@@ -133,11 +162,13 @@ class Shipper:
             "shipped_at": time.time()}
         closed = (directory / "closed").exists()
         if not closed and meta.get("instance_id") != instance:
+            _trim_unwritten(directory, progress)
             self._close_orphan(directory, meta)
             closed = True
         return meta, progress, closed
 
-    def _ship_recording(self, directory: Path, meta: dict[str, Any], progress: dict[str, Any], due: bool) -> int:
+    def _ship_recording(self, directory: Path, meta: dict[str, Any], progress: dict[str, Any], due: bool,
+                        closed: bool) -> int:
         path = directory / "recording.bin"
         written = 0
         while True:
@@ -151,9 +182,12 @@ class Shipper:
             with open(path, "rb") as fh:
                 fh.seek(int(progress["recording_offset"]))
                 data = fh.read(min(pending, MAX_READ))
-            end = complete_prefix(data)
+            # A live session's file may be written in place (the C data path maps it), so a record is
+            # taken only once its link verifies: a partly visible one never ships.
+            end = complete_prefix(data) if closed else verified_prefix(data, bytes.fromhex(progress["prev_hash"]))[0]
             if end == 0:
                 return written
+            data = data[:end]
             # Cut at whole records, and keep chunks near the target size.
             cut = end
             if end > self.chunk_bytes:
@@ -187,12 +221,19 @@ class Shipper:
         with open(path, "rb") as fh:
             fh.seek(offset)
             data = fh.read(size - offset)
+        unwritten = data.find(b"\0")  # a mapped file's zeros not written yet (no event line holds a NUL)
+        if unwritten >= 0:
+            data = data[:unwritten]
         end = data.rfind(b"\n") + 1
         if end == 0:
             return 0, 0
         templates: dict[int, EventTemplate] = {}
         rows: list[tuple[EventTemplate | None, dict[str, Any]]] = []  # compact rows (small) and their template
+        added = 0
         for line in data[:end].splitlines():
+            if events.add_line(line):  # a full row, as the C data path writes them: shipped as it is
+                added += 1
+                continue
             try:
                 row = orjson.loads(line)
             except orjson.JSONDecodeError:
@@ -210,9 +251,11 @@ class Shipper:
                     template = templates[version] = EventTemplate.from_doc(doc)
             rows.append((template, row))
         for template, row in rows:  # each full row lives only until it is compressed
-            events.add(row if template is None else template.expand(row, session_event_id(session_id,
-                                                                                          int(row["seq"]))))
-        return end, len(rows)
+            if template is None:
+                events.add(row)
+            else:
+                events.add(*template.expand_line(row, session_event_id(session_id, int(row["seq"]))))
+        return end, added + len(rows)
 
     def _note_torn_tails(self, directory: Path, progress: dict[str, Any]) -> None:
         """A closed session's files may end in a partial record or line (disk full, machine crash):
@@ -249,10 +292,7 @@ class Shipper:
                              region=meta.get("region", self.region),
                              status_detail="gateway terminated before the session ended",
                              session_id=meta["session_id"], src_ip=meta.get("client_ip"))
-        with open(directory / "events.jsonl", "ab") as fh:
-            # The dead gateway may have left half a line: end it, so the disconnect row stands alone.
-            if fh.tell() and not (directory / "events.jsonl").read_bytes().endswith(b"\n"):
-                fh.write(b"\n")
+        with open(directory / "events.jsonl", "ab") as fh:  # after whole rows: see _trim_unwritten
             fh.write((json.dumps(row, sort_keys=True) + "\n").encode())
             fh.flush()
             os.fsync(fh.fileno())

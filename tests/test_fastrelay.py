@@ -15,7 +15,16 @@ import orjson
 import pytest
 
 from data_plane.core.guardrails import LOG, Verdict
-from data_plane.core.recording import FROM_CLIENT, FROM_GATEWAY, FROM_SERVER, RecordingWriter, genesis, read_records
+from data_plane.core.recording import (
+    FROM_CLIENT,
+    FROM_GATEWAY,
+    FROM_SERVER,
+    WIRE,
+    RecordingWriter,
+    genesis,
+    read_records,
+    verified_prefix,
+)
 from data_plane.postgres import messages as m
 from data_plane.postgres.tracker import StatementTracker, verdict_fields
 
@@ -142,6 +151,36 @@ def test_a_function_call_hands_the_session_back_with_what_it_did_not_relay(harne
     (group,) = state["tracker"]["groups"]
     assert group["simple"] and group["statements"][0]["text"] == b"SELECT 2"
     assert harness.events() == []  # the statement is Python's to finish now
+
+
+def test_the_spool_is_written_in_place_then_cut_back_for_python_to_append_to(harness: Harness) -> None:
+    """While the worker has the session its spool files are mapped: they end in zeros allocated and
+    not written yet, which a reader (the shipper) stops at; a hand-back cuts them off, so the Python
+    relay's appends follow on and the chain verifies across."""
+    query = m.query("SELECT 1")
+    harness.client.sendall(query)
+    recv_exactly(harness.server, len(query))
+    result = answer("SELECT 1", b"1")
+    harness.server.sendall(result)
+    recv_exactly(harness.client, len(result))
+    written = 2 * (22 + 32) + len(query) + len(result)
+    recording, events = (harness.tmp / "recording.bin").read_bytes(), harness.events_path.read_bytes()
+    assert len(recording) > written and not recording[written:].strip(b"\0")
+    assert verified_prefix(recording, genesis(SESSION))[0] == written
+    line = events.index(b"\n") + 1
+    assert len(events) > line and not events[line:].strip(b"\0")
+
+    harness.client.sendall(m.frame(b"F", b"\x00\x00\x04\xd2\x00\x00\x00\x00\x00\x00"))
+    (kind, _, _, state), = harness.completions()
+    assert kind == "ejected" and state["recording_bytes"] == written
+    assert (harness.tmp / "recording.bin").stat().st_size == written
+    assert harness.events_path.stat().st_size == line
+    harness.recording.resume_from(state["prev_hash"], state["seq"], state["recording_bytes"], state["next_sync"])
+    harness.recording.append(FROM_GATEWAY, WIRE, b"the Python relay's")
+    os.write(harness.events_fd, b'{"seq": 3}\n')
+    records = list(read_records((harness.tmp / "recording.bin").read_bytes(), genesis(SESSION)))
+    assert [r.payload for r in records] == [query, result, b"the Python relay's"]
+    assert [row["seq"] for row in harness.events()] == [2, 3]
 
 
 def test_a_new_shape_is_judged_then_passes_for_good(tmp_path: Path) -> None:

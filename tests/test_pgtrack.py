@@ -10,19 +10,28 @@ import re
 import struct
 import sys
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import orjson
 import pytest
 from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 
+from control_plane.contract import EventTemplate, session_event_id
 from data_plane.core.guardrails import ALLOW, LOG, Verdict
 from data_plane.core.redact import might_hold_secret, redact_statement
 from data_plane.core.session import SessionInfo, Statement
 from data_plane.postgres import messages as m
 from data_plane.postgres import tracker as tracker_module
 from data_plane.postgres.framescan import scan_frames
-from data_plane.postgres.tracker import SERVER_DECODED, StatementTracker, _parameter, _verdict, verdict_fields
+from data_plane.postgres.tracker import (
+    SERVER_DECODED,
+    StatementTracker,
+    _parameter,
+    _verdict,
+    full_row_parts,
+    verdict_fields,
+)
 
 pgtrack = pytest.importorskip("data_plane.postgres._pgtrack")
 
@@ -167,13 +176,22 @@ class Session:
     counts) and a C tracker, driven the way the Relay drives them, compared after every step."""
 
     def __init__(self, *, record_parameters: bool = True, first_seq: int = 0, start: float = 1000.0) -> None:
+        templates: list[dict] = []
         self.info = SessionInfo("s1", "postgres", "127.0.0.1", 5432, "eu-west-1", events=first_seq,
-                                record_parameters=record_parameters, on_template=lambda version, doc: None)
+                                record_parameters=record_parameters,
+                                on_template=lambda version, doc: templates.append(orjson.loads(orjson.dumps(doc))))
         self.info._write_template()
+        self.template = EventTemplate.from_doc(templates[-1])  # as the shipper reads it back
         self.record_parameters = record_parameters
         self.py = StatementTracker(self.statement_done, record_parameters=record_parameters)
-        self.c = pgtrack.Tracker(record_parameters=record_parameters, first_seq=first_seq,
-                                 template_version=self.info._template_version)
+        self.full_rows = bytearray()
+        self.c = _WithFullRows(
+            pgtrack.Tracker(record_parameters=record_parameters, first_seq=first_seq,
+                            template_version=self.info._template_version),
+            pgtrack.Tracker(record_parameters=record_parameters, first_seq=first_seq,
+                            template_version=self.info._template_version,
+                            full_rows=full_row_parts(self.template, self.info.session_id)),
+            self.full_rows)
         self.py_rows = bytearray()
         self.c_rows = bytearray()
         self.counts = [0, 0, 0]  # errors, skipped, ok as the metrics count them
@@ -335,13 +353,45 @@ class Session:
             for c_line, py_line in zip(c_lines, py_lines, strict=False):
                 assert c_line == py_line
             assert c_lines == py_lines
+        self.check_full_rows()
         statements, errors, skipped, ok, seq = self.c.counters()
         assert (statements, [errors, skipped, ok], seq) == (self.info.statements, self.counts, self.info.events)
         assert self.c.in_flight() == python_in_flight(self.py)
         assert self.c.since_tag() == self.py._since_tag
 
+    def check_full_rows(self) -> None:
+        """The C tracker's full rows (the C data path's) are what the shipper makes of its compact ones."""
+        compact_lines, full_lines = bytes(self.c_rows).splitlines(), bytes(self.full_rows).splitlines()
+        assert len(full_lines) == len(compact_lines)
+        for compact_line, full_line in zip(compact_lines, full_lines, strict=True):
+            compact = orjson.loads(compact_line)
+            del compact["tv"]
+            _, line = self.template.expand_line(compact, session_event_id(self.info.session_id, compact["seq"]))
+            assert full_line.startswith(b'{"time":')
+            assert orjson.loads(full_line) == orjson.loads(line)
+
     def rows(self) -> list[dict]:
         return [orjson.loads(line) for line in bytes(self.py_rows).splitlines()]
+
+
+class _WithFullRows:
+    """The C tracker, with a twin in full-row mode fed the same calls: its rows go to `full_rows`."""
+
+    def __init__(self, compact: Any, full: Any, full_rows: bytearray) -> None:
+        self._compact, self._full, self._full_rows = compact, full, full_rows
+
+    def __getattr__(self, name: str) -> Callable[..., Any]:
+        compact, full = getattr(self._compact, name), getattr(self._full, name)
+
+        def both(*args: Any, **kwargs: Any) -> Any:
+            result, twin = compact(*args, **kwargs), full(*args, **kwargs)
+            if name in ("server_frames", "server_message"):
+                assert twin[0] == result[0]
+                self._full_rows += twin[1]
+            elif name == "abandon":
+                self._full_rows += twin
+            return result
+        return both
 
 
 def python_tracker_from(tracker, on_complete: Callable[[Statement], None], *,

@@ -8,6 +8,7 @@ import json
 import os
 import stat
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -236,3 +237,36 @@ def test_the_c_append_reports_a_failed_write_as_oserror(tmp_path: Path) -> None:
             rec._recording.append(fd, genesis(SESSION), 0, time.time(), rec.FROM_CLIENT, rec.WIRE, b"x")
     finally:
         os.close(fd)
+
+
+@pytest.mark.parametrize("verified_prefix", [rec._verified_prefix_py, rec.verified_prefix], ids=["python", "module"])
+def test_the_verified_prefix_is_the_records_whose_links_verify(
+        tmp_path: Path, verified_prefix: Callable[..., tuple[int, bytes]]) -> None:
+    """What the shipper takes from a live, mapped spool file: whole records that verify, and not a
+    partly written one, a changed one, or the zeros not written yet."""
+    writer = rec.RecordingWriter(tmp_path / "r.bin", SESSION)
+    ends = []
+    for payload in (b"one", b"", bytes(range(256)) * 5, b"four"):
+        writer.append(rec.FROM_CLIENT, rec.WIRE, payload)
+        ends.append(writer.bytes_written)
+    writer.close()
+    data = (tmp_path / "r.bin").read_bytes()
+    assert verified_prefix(data, genesis(SESSION)) == (len(data), data[-32:])
+    assert verified_prefix(data + bytes(1 << 16), genesis(SESSION)) == (len(data), data[-32:])
+    assert verified_prefix(data[:-1], genesis(SESSION)) == (ends[2], data[ends[2] - 32:ends[2]])
+    changed = bytearray(data)
+    changed[ends[1] + 30] ^= 1  # inside the third record's payload
+    assert verified_prefix(bytes(changed), genesis(SESSION))[0] == ends[1]
+    unfinished = data[:ends[2]] + bytes(22) + data[ends[2] + 22:]  # the last header not written yet
+    assert verified_prefix(unfinished, genesis(SESSION))[0] == ends[2]
+    assert verified_prefix(data, b"\x01" * 32)[0] == 0  # the wrong predecessor
+    assert verified_prefix(memoryview(data)[ends[0]:], data[ends[0] - 32:ends[0]]) == (len(data) - ends[0],
+                                                                                      data[-32:])
+
+
+def test_a_zero_header_ends_the_complete_prefix(tmp_path: Path) -> None:
+    writer = rec.RecordingWriter(tmp_path / "r.bin", SESSION)
+    writer.append(rec.FROM_CLIENT, rec.WIRE, b"SELECT 1")
+    writer.close()
+    data = (tmp_path / "r.bin").read_bytes()
+    assert rec.complete_prefix(data + bytes(4096)) == len(data)

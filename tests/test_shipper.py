@@ -454,6 +454,43 @@ def test_orphaned_session_with_a_torn_events_line_still_ships(s3: Any, tmp_path:
     assert not evidence.directory.exists()
 
 
+def test_a_live_session_written_in_place_ships_what_is_whole_and_waits_for_the_rest(s3: Any, spool: Spool) -> None:
+    """The C data path copies into mapped spool files: a record may be half there (its header goes in
+    last) and zeros not written yet follow; only what verifies, and whole lines, ship."""
+    evidence = open_session(spool)
+    connect = event_row(evidence, "connect", 1)
+    payloads = record_some(evidence)
+    with open(evidence.directory / "recording.bin", "ab") as fh:
+        fh.write(bytes(22) + b"Q\x00\x00\x00\rSELECT 1\x00" + bytes(4096))
+    with open(evidence.directory / "events.jsonl", "ab") as fh:
+        fh.write(b'{"activity_name":"qu' + bytes(4096))
+    shipper(s3, spool, max_delay=0).ship_once()
+    assert [r.payload for r in verified_records(s3, evidence.session_id)] == payloads
+    assert shipped_rows(s3, evidence.session_id) == [json.loads(json.dumps(connect))]
+    assert evidence.directory.exists()
+
+
+def test_an_orphan_whose_files_end_in_unwritten_zeros_is_cut_back_and_ships_whole(s3: Any, tmp_path: Path) -> None:
+    old = Spool(tmp_path / "spool", fsync_interval=3600)
+    evidence = open_session(old)
+    connect = event_row(evidence, "connect", 1)
+    payloads = record_some(evidence)
+    evidence.recording.close()  # the old gateway died with the session in its C data path, files mapped
+    os.close(evidence._events_fd)
+    for name in ("recording.bin", "events.jsonl"):
+        with open(evidence.directory / name, "ab") as fh:
+            fh.write(bytes(1 << 16))
+    restarted = Spool(tmp_path / "spool", fsync_interval=3600)
+    assert shipper(s3, restarted, max_delay=3600).ship_once() == 4
+    rows = shipped_rows(s3, evidence.session_id)
+    assert rows[0] == json.loads(json.dumps(connect)) and len(rows) == 2
+    assert rows[1]["activity_name"] == "disconnect"
+    assert [r.payload for r in verified_records(s3, evidence.session_id)] == payloads
+    row = index_row(s3, evidence.session_id)
+    assert row["chunks"] == 1
+    assert not evidence.directory.exists()
+
+
 def test_event_times_format_like_isoformat_across_seconds_and_threads() -> None:
     start = 1_795_689_225_000
     for ms in (0, 999, 1_000, start - 1, start, start + 1, start + 999, start + 1_000, 4_102_444_799_999):

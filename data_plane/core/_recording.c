@@ -70,6 +70,46 @@ append(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     return PyBytes_FromStringAndSize((const char *)link, RECORD_HASH_SIZE);
 }
 
+/* verified_prefix(data, prev_hash) -> (end, last_hash): the longest run of whole records at the start
+ * of data whose links verify, starting from prev_hash (the twin of recording._verified_prefix_py) */
+static PyObject *
+verified_prefix(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    Py_buffer data;
+    unsigned char prev[RECORD_HASH_SIZE], link[RECORD_HASH_SIZE];
+    size_t pos = 0;
+    (void)module;
+    if (nargs != 2 || !PyBytes_Check(args[1]) || PyBytes_GET_SIZE(args[1]) != RECORD_HASH_SIZE) {
+        PyErr_SetString(PyExc_TypeError, "verified_prefix(data, prev_hash: 32 bytes)");
+        return NULL;
+    }
+    if (PyObject_GetBuffer(args[0], &data, PyBUF_SIMPLE) < 0)
+        return NULL;
+    memcpy(prev, PyBytes_AS_STRING(args[1]), RECORD_HASH_SIZE);
+    Py_BEGIN_ALLOW_THREADS
+    for (;;) {
+        const unsigned char *p = (const unsigned char *)data.buf + pos;
+        size_t left = (size_t)data.len - pos, n;
+        sha256_t digest;
+        if (left < RECORD_HEADER_SIZE + RECORD_HASH_SIZE)
+            break;
+        n = ((size_t)p[18] << 24) | ((size_t)p[19] << 16) | ((size_t)p[20] << 8) | p[21];
+        if (n > left - RECORD_HEADER_SIZE - RECORD_HASH_SIZE)
+            break;
+        sha256_init(&digest);
+        sha256_update(&digest, prev, RECORD_HASH_SIZE);
+        sha256_update(&digest, p, RECORD_HEADER_SIZE + n);
+        sha256_final(&digest, link);
+        if (memcmp(link, p + RECORD_HEADER_SIZE + n, RECORD_HASH_SIZE) != 0)
+            break;
+        memcpy(prev, link, RECORD_HASH_SIZE);
+        pos += RECORD_HEADER_SIZE + n + RECORD_HASH_SIZE;
+    }
+    Py_END_ALLOW_THREADS
+    PyBuffer_Release(&data);
+    return Py_BuildValue("(ny#)", (Py_ssize_t)pos, (const char *)prev, (Py_ssize_t)RECORD_HASH_SIZE);
+}
+
 static PyObject *
 set_sha_path(PyObject *module, PyObject *arg)
 {
@@ -83,6 +123,8 @@ set_sha_path(PyObject *module, PyObject *arg)
 static PyMethodDef methods[] = {
     {"append", (PyCFunction)(void (*)(void))append, METH_FASTCALL,
      "append(fd, prev_hash, seq, time, direction, kind, payload) -> hash: write one record"},
+    {"verified_prefix", (PyCFunction)(void (*)(void))verified_prefix, METH_FASTCALL,
+     "verified_prefix(data, prev_hash) -> (end, last_hash): the whole records at the start whose links verify"},
     {"_set_sha_path", set_sha_path, METH_O, "Use the SHA extensions when true and available (tests compare both)."},
     {NULL, NULL, 0, NULL},
 };

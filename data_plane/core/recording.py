@@ -8,10 +8,11 @@ and the chain starts from sha256(b"proctor-recording:" + session id), so records
 changed, dropped or reordered without breaking every later hash. Chunks are contiguous runs of
 records; the chain runs on from one chunk to the next.
 
-Durability (the fsync policy): each record is written with one `writev` before the bytes it
-describes are relayed, so a gateway killed mid-session loses nothing it had relayed; the file is
-fsynced at most every `fsync_interval` seconds while records arrive, and when the session ends,
-so a machine crash loses at most that interval."""
+Durability (the fsync policy): each record is written with one `writev` (the C data path copies
+it into a mapping of the file instead: _spoolmap.h) before the bytes it describes are relayed, so a
+gateway killed mid-session loses nothing it had relayed; the file is fsynced at most every
+`fsync_interval` seconds while records arrive, and when the session ends, so a machine crash loses
+at most that interval."""
 
 from __future__ import annotations
 
@@ -84,6 +85,21 @@ def _append_py(fd: int, prev: bytes, seq: int, now: float, direction: int, kind:
     return link
 
 
+def _verified_prefix_py(data: bytes | memoryview, prev: bytes) -> tuple[int, bytes]:
+    """The longest run of whole records at the start of `data` whose links verify from `prev`,
+    and the last link: (end, last hash). The C twin is `_recording.verified_prefix`."""
+    pos, n = 0, len(data)
+    while pos + _RECORD_OVERHEAD <= n:
+        end = pos + HEADER.size + HEADER.unpack_from(data, pos)[4]
+        if end + HASH_SIZE > n:
+            break
+        link = bytes(data[end:end + HASH_SIZE])
+        if _sha256(prev + bytes(data[pos:end])).digest() != link:
+            break
+        prev, pos = link, end + HASH_SIZE
+    return pos, prev
+
+
 try:
     from data_plane.core import _recording
 except ImportError:  # no compiler where this was installed: the fallback is correct, only slower
@@ -92,6 +108,8 @@ except ImportError:  # no compiler where this was installed: the fallback is cor
 ACCELERATED = _recording is not None
 _append: Callable[[int, bytes, int, float, int, int, bytes | bytearray | memoryview], bytes] = (
     _recording.append if _recording is not None else _append_py)
+verified_prefix: Callable[[bytes | memoryview, bytes], tuple[int, bytes]] = (
+    _recording.verified_prefix if _recording is not None else _verified_prefix_py)
 
 
 class RecordingWriter:
@@ -154,10 +172,13 @@ class RecordingWriter:
 
 
 def complete_prefix(data: bytes | memoryview) -> int:
-    """Length of the longest run of whole records at the start of `data`."""
+    """Length of the longest run of whole records at the start of `data`; a header with a zero time
+    is where a mapped spool's unwritten zeros begin, and ends it."""
     pos, n = 0, len(data)
     while pos + HEADER.size <= n:
-        length = HEADER.unpack_from(data, pos)[4]
+        _, ts, _, _, length = HEADER.unpack_from(data, pos)
+        if ts == 0:
+            break
         end = pos + HEADER.size + length + HASH_SIZE
         if end > n:
             break

@@ -2,8 +2,8 @@
  * but recording and statement evidence (no masking rules; guardrail verdicts the shape cache already
  * holds), both of its connections are handed to a worker thread that relays without the GIL:
  * TLS (the session's own OpenSSL objects, taken over from the event loop's memory BIOs), frame
- * scanning, the hash-chained recording (one writev per read, before the bytes are relayed, as in
- * recording.py), statement bookkeeping and evidence rows (pgtrack.h, the twin of tracker.py).
+ * scanning, the hash-chained recording (one record per read, in the page cache before the bytes are
+ * relayed, as in recording.py; copied into a mapping of the spool file, _spoolmap.h), statement bookkeeping and evidence rows (pgtrack.h, the twin of tracker.py).
  *
  * Python keeps everything else. The worker asks it, through a completion queue the event loop
  * watches (an eventfd), to judge a statement whose shape it has no verdict for; the answer either
@@ -34,6 +34,7 @@
 
 #include "../_sha256.h"
 #include "../_record.h"
+#include "../_spoolmap.h"
 #include "pgtrack.h"
 #include "pgtrack_py.h"
 #include "sqlshape_scan.h"
@@ -359,11 +360,13 @@ typedef struct session {
     endpoint c, b;
     /* recording */
     int rec_fd;
+    spoolmap rec_map;
     unsigned char prev[HASH_SIZE];
     uint64_t seq, rec_bytes;
     double next_sync, fsync_interval;
     /* evidence rows */
     int events_fd;
+    spoolmap events_map;
     pgt_tracker *t;
     pgt_buf rows;
     /* guardrails: NULL when the grant has none */
@@ -459,13 +462,15 @@ be32(const unsigned char *p)
 static int
 record(session *s, int direction, int kind, const unsigned char *payload, size_t n, double now)
 {
-    unsigned char link[HASH_SIZE];
-    ssize_t written = record_write(s->rec_fd, s->prev, s->seq, now, direction, kind, payload, n, link, 1);
-    if (written < 0)
+    unsigned char header[RECORD_HEADER_SIZE], link[HASH_SIZE];
+    struct iovec iov[3];
+    record_prepare(s->prev, s->seq, now, direction, kind, payload, n, header, link);
+    record_pieces(iov, header, payload, n, link);
+    if (spoolmap_appendv(&s->rec_map, iov, 3) < 0)
         return -1;
     memcpy(s->prev, link, HASH_SIZE);
     s->seq++;
-    s->rec_bytes += (uint64_t)written;
+    s->rec_bytes += RECORD_HEADER_SIZE + n + HASH_SIZE;
     if (now >= s->next_sync) {
         fsync(s->rec_fd);
         s->next_sync = now + s->fsync_interval;
@@ -476,18 +481,18 @@ record(session *s, int direction, int kind, const unsigned char *payload, size_t
 static int
 write_rows(session *s)
 {
-    size_t done = 0;
-    while (done < s->rows.len) {
-        ssize_t n = write(s->events_fd, s->rows.data + done, s->rows.len - done);
-        if (n < 0) {
-            if (errno == EINTR)
-                continue;
-            return -1;
-        }
-        done += (size_t)n;
-    }
+    struct iovec iov = {s->rows.data, s->rows.len};
+    int rc = spoolmap_appendv(&s->events_map, &iov, 1);
     s->rows.len = 0;
-    return 0;
+    return rc;
+}
+
+/* The spool files go back to plain appends (Python's), cut to what was written. */
+static void
+release_spool(session *s)
+{
+    spoolmap_release(&s->rec_map);
+    spoolmap_release(&s->events_map);
 }
 
 /* ---------------------------------------------------------------------------------------------- */
@@ -1052,6 +1057,7 @@ finish(Worker *w, session *s, const char *reason)
         ep_send(&s->b, terminate, sizeof terminate);
     }
     ep_flush(&s->c);
+    release_spool(s);
     s->state = DONE;
     detach(w, s);
     {
@@ -1079,6 +1085,7 @@ eject(Worker *w, session *s)
         finish(w, s, "out of memory");
         return;
     }
+    release_spool(s);
     s->state = EJECTED;
     detach(w, s);
     c = calloc(1, sizeof *c);
@@ -1525,6 +1532,7 @@ init_endpoint(endpoint *e, session *s, int side, int fd, PyObject *sslobj, PyObj
 static void
 session_free(session *s)
 {
+    release_spool(s);
     fb_free(&s->c.in);
     fb_free(&s->c.out);
     fb_free(&s->b.in);
@@ -1553,9 +1561,10 @@ Engine_adopt(Engine *eng, PyObject *args, PyObject *kwds)
     static char *kwlist[] = {"client_fd", "client_ssl", "client_early", "server_fd", "server_ssl", "server_early",
                              "recording_fd", "prev_hash", "seq", "recording_bytes", "next_sync", "fsync_interval",
                              "events_fd", "events_seq", "template_version", "record_parameters", "max_len",
-                             "shapes", "standard_strings", "context", NULL};
+                             "shapes", "standard_strings", "context", "full_rows", NULL};
     int cfd, bfd, rec_fd, events_fd, tv, record_parameters, standard_strings;
-    PyObject *cssl, *bssl, *cearly, *bearly, *shapes, *context;
+    PyObject *cssl, *bssl, *cearly, *bearly, *shapes, *context, *full_rows = Py_None;
+    pgt_full *full;
     Py_buffer prev;
     unsigned long long seq, rec_bytes, events_seq;
     unsigned int max_len;
@@ -1563,34 +1572,44 @@ Engine_adopt(Engine *eng, PyObject *args, PyObject *kwds)
     session *s;
     command *cmd;
 
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "iOSiOSiy*KKddiKipIOpO", kwlist, &cfd, &cssl, &cearly, &bfd,
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "iOSiOSiy*KKddiKipIOpO|O", kwlist, &cfd, &cssl, &cearly, &bfd,
                                      &bssl, &bearly, &rec_fd, &prev, &seq, &rec_bytes, &next_sync,
                                      &fsync_interval, &events_fd, &events_seq, &tv, &record_parameters, &max_len,
-                                     &shapes, &standard_strings, &context))
+                                     &shapes, &standard_strings, &context, &full_rows))
         return NULL;
     if (prev.len != HASH_SIZE || (shapes != Py_None && !PyObject_TypeCheck(shapes, &ShapeSetType))) {
         PyBuffer_Release(&prev);
         PyErr_SetString(PyExc_TypeError, "prev_hash: 32 bytes; shapes: a ShapeSet or None");
         return NULL;
     }
+    if (pgtpy_full(full_rows, &full) < 0) {
+        PyBuffer_Release(&prev);
+        return NULL;
+    }
     s = calloc(1, sizeof *s);
     if (s == NULL) {
+        pgt_full_free(full);
         PyBuffer_Release(&prev);
         return PyErr_NoMemory();
     }
     memcpy(s->prev, prev.buf, HASH_SIZE);
     PyBuffer_Release(&prev);
+    spoolmap_init(&s->rec_map, rec_fd);
+    spoolmap_init(&s->events_map, events_fd);
     s->c.fd = s->b.fd = -1;
     if (init_endpoint(&s->c, s, FROM_CLIENT, cfd, cssl, cearly) < 0 ||
         init_endpoint(&s->b, s, FROM_SERVER, bfd, bssl, bearly) < 0) {
+        pgt_full_free(full);
         session_free(s);
         return NULL;
     }
     s->t = pgt_new(record_parameters, (int64_t)events_seq, tv);
     if (s->t == NULL) {
+        pgt_full_free(full);
         session_free(s);
         return PyErr_NoMemory();
     }
+    pgt_set_full(s->t, full);
     s->rec_fd = rec_fd;
     s->seq = seq;
     s->rec_bytes = rec_bytes;

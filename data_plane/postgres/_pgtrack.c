@@ -40,18 +40,23 @@ bytes_of(pgt_buf *buf)
 static int
 Tracker_init(TrackerObject *self, PyObject *args, PyObject *kwargs)
 {
-    static char *keywords[] = {"record_parameters", "first_seq", "template_version", NULL};
+    static char *keywords[] = {"record_parameters", "first_seq", "template_version", "full_rows", NULL};
     int record_parameters = 1, template_version = 1;
     long long first_seq = 0;
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "|pLi:Tracker", keywords, &record_parameters, &first_seq,
-                                     &template_version))
+    PyObject *full_rows = Py_None;
+    pgt_full *full;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "|pLiO:Tracker", keywords, &record_parameters, &first_seq,
+                                     &template_version, &full_rows) ||
+        pgtpy_full(full_rows, &full) < 0)
         return -1;
     pgt_free(self->tracker);
     self->tracker = pgt_new(record_parameters, first_seq, template_version);
     if (self->tracker == NULL) {
+        pgt_full_free(full);
         PyErr_NoMemory();
         return -1;
     }
+    pgt_set_full(self->tracker, full);
     return 0;
 }
 
@@ -492,6 +497,7 @@ PyMODINIT_FUNC
 PyInit__pgtrack(void)
 {
     PyObject *module;
+    sha256_choose_block(1); /* full rows' event ids */
     if (PyType_Ready(&TrackerType) < 0)
         return NULL;
     module = PyModule_Create(&pgtrack_module);

@@ -30,9 +30,11 @@ import weakref
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from control_plane.contract import EventTemplate
 from data_plane import metrics
+from data_plane.core.spool import read_json
 from data_plane.core.stream import Stream
-from data_plane.postgres.tracker import verdict_fields
+from data_plane.postgres.tracker import full_row_parts, verdict_fields
 
 if TYPE_CHECKING:
     from data_plane.postgres.guard import StatementGuard
@@ -135,6 +137,9 @@ class FastPath:
         assert evidence is not None
         recording = evidence.recording
         info = session.info
+        version = info.template_version
+        template = read_json(evidence.directory / f"template-{version}.json")  # what the shipper would use
+        full_rows = None if template is None else full_row_parts(EventTemplate.from_doc(template), session.session_id)
         try:
             handle = self.engine.adopt(
                 client_fd=sides[0].fd, client_ssl=sides[0].ssl_object, client_early=client.take_buffered(),
@@ -142,8 +147,9 @@ class FastPath:
                 recording_fd=recording.fd, prev_hash=recording.prev_hash, seq=recording.seq,
                 recording_bytes=recording.bytes_written, next_sync=recording.next_sync,
                 fsync_interval=recording.fsync_interval, events_fd=evidence.events_fd, events_seq=info.events,
-                template_version=info.template_version, record_parameters=info.record_parameters,
-                max_len=relay.max_len, shapes=shapes, standard_strings=relay.standard_strings, context=None)
+                template_version=version, record_parameters=info.record_parameters,
+                max_len=relay.max_len, shapes=shapes, standard_strings=relay.standard_strings, context=None,
+                full_rows=full_rows)
         except (ValueError, TypeError) as exc:  # a TLS object the worker cannot drive: stay in Python
             log.warning("session %s stays on the Python relay: %s", session.session_id, exc)
             for side in sides:

@@ -62,6 +62,9 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
+
+#include "../_sha256.h"
 
 #define PGT_OK 0
 #define PGT_VIOLATION (-1)
@@ -840,6 +843,66 @@ typedef struct { /* (statement name, m.Bind): the Bind body is kept and decoded 
 
 enum { PGT__NO_GROUP, PGT__IN_FIFO, PGT__DETACHED };
 
+/* What turns a statement row into the full evidence row the shipper would make of it
+ * (EventTemplate.expand): the session's template rendered once (tracker.full_row_parts), so that
+ * the C data path writes rows the shipper only compresses. The optional members are the ones a
+ * row may or may not set itself: sqlstate, status_detail, rule, approval_id, details. */
+#define PGT_OPTIONAL_MEMBERS 5
+enum { PGT__SQLSTATE, PGT__STATUS_DETAIL, PGT__RULE, PGT__APPROVAL_ID, PGT__DETAILS };
+
+typedef struct {
+    char *session_id; /* event ids: session_event_id(session_id, seq) */
+    size_t session_id_len;
+    char *rest; /* `,"column":value` of every column a statement row does not set */
+    size_t rest_len;
+    char *absent[PGT_OPTIONAL_MEMBERS]; /* `,"column":value` from the template, for a row without it */
+    size_t absent_len[PGT_OPTIONAL_MEMBERS];
+    int64_t iso_second; /* the last whole second formatted, as iso_millis caches it */
+    char iso[24];
+    pgt_buf details; /* scratch: the details object before it becomes a JSON string */
+} pgt_full;
+
+/* A copy of the parts; NULL when out of memory. */
+static inline pgt_full *
+pgt_full_new(const char *session_id, size_t session_id_len, const char *rest, size_t rest_len,
+             const char *const absent[PGT_OPTIONAL_MEMBERS], const size_t absent_len[PGT_OPTIONAL_MEMBERS])
+{
+    size_t total = session_id_len + rest_len, i;
+    pgt_full *f;
+    char *p;
+    for (i = 0; i < PGT_OPTIONAL_MEMBERS; i++)
+        total += absent_len[i];
+    f = (pgt_full *)calloc(1, sizeof *f + total + 1);
+    if (f == NULL)
+        return NULL;
+    p = (char *)(f + 1);
+    f->session_id = p;
+    f->session_id_len = session_id_len;
+    memcpy(p, session_id, session_id_len);
+    p += session_id_len;
+    f->rest = p;
+    f->rest_len = rest_len;
+    memcpy(p, rest, rest_len);
+    p += rest_len;
+    for (i = 0; i < PGT_OPTIONAL_MEMBERS; i++) {
+        f->absent[i] = p;
+        f->absent_len[i] = absent_len[i];
+        memcpy(p, absent[i], absent_len[i]);
+        p += absent_len[i];
+    }
+    f->iso_second = INT64_MIN;
+    return f;
+}
+
+static inline void
+pgt_full_free(pgt_full *f)
+{
+    if (f == NULL)
+        return;
+    pgt_buf_free(&f->details);
+    free(f);
+}
+
 struct pgt_tracker {
     pgt__group *ring; /* the FIFO of groups awaiting answers: ring[head .. head+size) */
     size_t ring_cap, head, size;
@@ -861,6 +924,7 @@ struct pgt_tracker {
     int has_unnamed_prepared, has_unnamed_portal;
     pgt__map prepared, portals;
     pgt_buf scratch[3];
+    pgt_full *full; /* NULL: compact rows, which the shipper expands */
 };
 
 typedef struct pgt_tracker pgt_tracker;
@@ -1234,7 +1298,16 @@ pgt_free(pgt_tracker *t)
     pgt__portal_clear(&t->unnamed_portal);
     for (i = 0; i < 3; i++)
         pgt_buf_free(&t->scratch[i]);
+    pgt_full_free(t->full);
     free(t);
+}
+
+/* Full rows from now on (the tracker owns `full`; NULL: compact rows again). */
+static inline void
+pgt_set_full(pgt_tracker *t, pgt_full *full)
+{
+    pgt_full_free(t->full);
+    t->full = full;
 }
 
 /* A new grant wrote a new template (SessionInfo._write_template): later rows carry its version. */
@@ -1316,37 +1389,11 @@ pgt_since_tag(const pgt_tracker *t)
 #define PGT__SKIPPED_TEXT "not executed: an earlier statement in the pipeline failed"
 #define PGT__ABANDONED_TEXT "the session ended before the statement completed"
 
-/* SessionInfo.statement_event(statement), serialized, plus statement_done's counts. */
-static inline int
-pgt__emit(pgt_tracker *t, const pgt__group *g, const pgt__stmt *s, pgt_buf *out)
+/* The members both forms of a statement row share, `,"statement":…` to `,"seq":…` (reserved). */
+static inline void
+pgt__put_statement(pgt_buf *out, const pgt_tracker *t, const pgt__stmt *s, const char *arena, const char *duration,
+                   size_t duration_len)
 {
-    const char *arena = g->arena.data;
-    char duration[48];
-    size_t duration_len = 4, need;
-    double ms = s->started * 1000;
-    int64_t time_ms = ms >= 9.2e18 || ms <= -9.2e18 || ms != ms ? 0 : (int64_t)ms; /* int(): truncates */
-    const pgt_verdict *verdict = s->verdict;
-    int has_sqlstate = s->sqlstate.off != PGT__NONE, has_error = s->error.off != PGT__NONE;
-    int failed = has_sqlstate || s->skipped || has_error;
-    int details = s->parse_kind || s->params.off != PGT__NONE ||
-                  (failed && (s->skipped || (has_error && s->error.len))) || (verdict != NULL && verdict->details_len);
-
-    if (s->finished)
-        duration_len = pgt__format_duration(duration, s->finished_mono, s->started_mono);
-    else
-        memcpy(duration, "null", 4);
-    need = 512 + s->text.len + duration_len + (s->tag.off != PGT__NONE ? s->tag.len : 0) +
-           (s->params.off != PGT__NONE ? s->params.len : 0) + (has_sqlstate ? s->sqlstate.len : 0) +
-           (has_error ? 2 * s->error.len : 0) + (verdict != NULL ? verdict->row_len + verdict->details_len : 0);
-    if (pgt_buf_reserve(out, need) < 0)
-        return -1;
-    t->seq++;
-    PGT__LIT(out, "{\"activity_name\":\"query\",\"status\":\"");
-    if (failed)
-        PGT__LIT(out, "Failure\",\"time\":");
-    else
-        PGT__LIT(out, "Success\",\"time\":");
-    pgt__put_i64(out, time_ms);
     PGT__LIT(out, ",\"statement\":\"");
     pgt__put(out, arena + s->text.off, s->text.len);
     PGT__LIT(out, "\",\"command_tag\":");
@@ -1365,55 +1412,270 @@ pgt__emit(pgt_tracker *t, const pgt__group *g, const pgt__stmt *s, pgt_buf *out)
     pgt__put(out, duration, duration_len);
     PGT__LIT(out, ",\"seq\":");
     pgt__put_i64(out, t->seq);
-    PGT__LIT(out, ",\"tv\":");
-    pgt__put_i64(out, t->template_version);
-    if (failed && has_sqlstate) {
+}
+
+/* The details object's members (reserved), each after `*sep` ('{' first, then ','). */
+typedef struct {
+    const pgt__stmt *s;
+    const char *arena;
+    int failed, has_error;
+} pgt__details_of;
+
+static inline void
+pgt__member(pgt_buf *out, char *sep)
+{
+    out->data[out->len++] = *sep;
+    *sep = ',';
+}
+
+static inline void
+pgt__details_kind(pgt_buf *out, const pgt__details_of *d, char *sep)
+{
+    if (d->s->parse_kind) {
+        pgt__member(out, sep);
+        PGT__LIT(out, "\"kind\":\"parse\"");
+    }
+}
+
+static inline void
+pgt__details_parameters(pgt_buf *out, const pgt__details_of *d, char *sep)
+{
+    if (d->s->params.off != PGT__NONE) {
+        pgt__member(out, sep);
+        PGT__LIT(out, "\"parameters\":");
+        pgt__put(out, d->arena + d->s->params.off, d->s->params.len);
+    }
+}
+
+static inline void
+pgt__details_skipped(pgt_buf *out, const pgt__details_of *d, char *sep)
+{
+    if (d->failed && d->s->skipped) {
+        pgt__member(out, sep);
+        PGT__LIT(out, "\"skipped\":\"" PGT__SKIPPED_TEXT "\"");
+    }
+}
+
+static inline void
+pgt__details_error(pgt_buf *out, const pgt__details_of *d, char *sep)
+{
+    if (d->failed && d->has_error && d->s->error.len) {
+        pgt__member(out, sep);
+        PGT__LIT(out, "\"error\":\"");
+        pgt__put(out, d->arena + d->s->error.off, d->s->error.len);
+        out->data[out->len++] = '"';
+    }
+}
+
+static inline void
+pgt__details_guardrail(pgt_buf *out, const pgt__details_of *d, char *sep)
+{
+    if (d->s->verdict != NULL && d->s->verdict->details_len) {
+        pgt__member(out, sep);
+        pgt__put(out, d->s->verdict->details, d->s->verdict->details_len);
+    }
+}
+
+/* The details object: members in SessionInfo.statement_event's order (compact rows), or sorted (full
+ * rows: the details column is the object as compact JSON with sorted keys, contract.details_text). */
+static inline void
+pgt__put_details(pgt_buf *out, const pgt__details_of *d, int sorted)
+{
+    char sep = '{';
+    if (sorted) {
+        pgt__details_error(out, d, &sep);
+        pgt__details_guardrail(out, d, &sep);
+        pgt__details_kind(out, d, &sep);
+        pgt__details_parameters(out, d, &sep);
+        pgt__details_skipped(out, d, &sep);
+    } else {
+        pgt__details_kind(out, d, &sep);
+        pgt__details_parameters(out, d, &sep);
+        pgt__details_skipped(out, d, &sep);
+        pgt__details_error(out, d, &sep);
+        pgt__details_guardrail(out, d, &sep);
+    }
+    out->data[out->len++] = '}';
+}
+
+/* contract.session_event_id: the first 16 bytes of SHA-256("<session id>:<seq>"), in hex (reserved). */
+static inline void
+pgt__put_event_id(pgt_buf *out, const pgt_full *f, int64_t seq)
+{
+    char digits[24];
+    unsigned char digest[32];
+    sha256_t h;
+    size_t n = 0, i;
+    pgt_buf tmp = {digits, 0, sizeof digits};
+    pgt__put_i64(&tmp, seq);
+    n = tmp.len;
+    sha256_init(&h);
+    sha256_update(&h, (const unsigned char *)f->session_id, f->session_id_len);
+    sha256_update(&h, (const unsigned char *)":", 1);
+    sha256_update(&h, (const unsigned char *)digits, n);
+    sha256_final(&h, digest);
+    for (i = 0; i < 16; i++) {
+        out->data[out->len++] = pgt__hex[digest[i] >> 4];
+        out->data[out->len++] = pgt__hex[digest[i] & 15];
+    }
+}
+
+/* contract.iso_millis: "YYYY-MM-DDTHH:MM:SS.mmm+00:00" (reserved). */
+static inline void
+pgt__put_iso(pgt_buf *out, pgt_full *f, int64_t ms)
+{
+    int64_t second = ms >= 0 ? ms / 1000 : -((-ms + 999) / 1000);
+    int millis = (int)(ms - second * 1000);
+    if (second != f->iso_second) {
+        struct tm tm;
+        time_t when = (time_t)second;
+        if (gmtime_r(&when, &tm) == NULL)
+            memset(&tm, 0, sizeof tm);
+        snprintf(f->iso, sizeof f->iso, "%04d-%02d-%02dT%02d:%02d:%02d", tm.tm_year + 1900, tm.tm_mon + 1,
+                 tm.tm_mday, tm.tm_hour, tm.tm_min, tm.tm_sec);
+        f->iso_second = second;
+    }
+    pgt__put(out, f->iso, strlen(f->iso));
+    out->data[out->len++] = '.';
+    out->data[out->len++] = (char)('0' + millis / 100);
+    out->data[out->len++] = (char)('0' + millis / 10 % 10);
+    out->data[out->len++] = (char)('0' + millis % 10);
+    PGT__LIT(out, "+00:00");
+}
+
+/* The full row (EventTemplate.expand of the compact one): `time` first, where the shipper reads it. */
+static inline int
+pgt__emit_full(pgt_tracker *t, const pgt__stmt *s, const pgt__details_of *d, int has_sqlstate, int details,
+               int64_t time_ms, const char *duration, size_t duration_len, size_t need, pgt_buf *out)
+{
+    pgt_full *f = t->full;
+    const char *arena = d->arena;
+    size_t i, extra = need + f->rest_len + 160;
+    if (details) {
+        f->details.len = 0;
+        if (pgt_buf_reserve(&f->details, need) < 0)
+            return -1;
+        pgt__put_details(&f->details, d, 1);
+        extra += 2 * f->details.len;
+    }
+    for (i = 0; i < PGT_OPTIONAL_MEMBERS; i++)
+        extra += f->absent_len[i];
+    if (pgt_buf_reserve(out, extra) < 0)
+        return -1;
+    t->seq++;
+    PGT__LIT(out, "{\"time\":");
+    pgt__put_i64(out, time_ms);
+    if (d->failed)
+        PGT__LIT(out, ",\"activity_name\":\"query\",\"status\":\"Failure\"");
+    else
+        PGT__LIT(out, ",\"activity_name\":\"query\",\"status\":\"Success\"");
+    pgt__put_statement(out, t, s, arena, duration, duration_len);
+    PGT__LIT(out, ",\"event_id\":\"");
+    pgt__put_event_id(out, f, t->seq);
+    PGT__LIT(out, "\",\"time_iso\":\"");
+    pgt__put_iso(out, f, time_ms);
+    if (d->failed)
+        PGT__LIT(out, "\",\"severity_id\":3");
+    else
+        PGT__LIT(out, "\",\"severity_id\":1");
+    if (d->failed && has_sqlstate) {
         PGT__LIT(out, ",\"sqlstate\":\"");
         pgt__put(out, arena + s->sqlstate.off, s->sqlstate.len);
         out->data[out->len++] = '"';
+    } else {
+        pgt__put(out, f->absent[PGT__SQLSTATE], f->absent_len[PGT__SQLSTATE]);
     }
-    if (failed && has_error) {
+    if (d->failed && d->has_error) {
         PGT__LIT(out, ",\"status_detail\":\"");
         pgt__put(out, arena + s->error.off, s->error.len);
         out->data[out->len++] = '"';
+    } else {
+        pgt__put(out, f->absent[PGT__STATUS_DETAIL], f->absent_len[PGT__STATUS_DETAIL]);
     }
-    if (verdict != NULL) {
+    if (s->verdict != NULL) {
         out->data[out->len++] = ',';
-        pgt__put(out, verdict->row, verdict->row_len);
+        pgt__put(out, s->verdict->row, s->verdict->row_len);
+    } else {
+        pgt__put(out, f->absent[PGT__RULE], f->absent_len[PGT__RULE]);
+        pgt__put(out, f->absent[PGT__APPROVAL_ID], f->absent_len[PGT__APPROVAL_ID]);
     }
-    if (details) {
-        char sep = '{';
-        PGT__LIT(out, ",\"details\":");
-        if (s->parse_kind) {
-            out->data[out->len++] = sep;
-            sep = ',';
-            PGT__LIT(out, "\"kind\":\"parse\"");
+    if (details) { /* the object as a JSON string: its text is JSON already, so only " and \ need escaping */
+        PGT__LIT(out, ",\"details\":\"");
+        for (i = 0; i < f->details.len; i++) {
+            char c = f->details.data[i];
+            if (c == '"' || c == '\\')
+                out->data[out->len++] = '\\';
+            out->data[out->len++] = c;
         }
-        if (s->params.off != PGT__NONE) {
-            out->data[out->len++] = sep;
-            sep = ',';
-            PGT__LIT(out, "\"parameters\":");
-            pgt__put(out, arena + s->params.off, s->params.len);
+        out->data[out->len++] = '"';
+    } else {
+        pgt__put(out, f->absent[PGT__DETAILS], f->absent_len[PGT__DETAILS]);
+    }
+    pgt__put(out, f->rest, f->rest_len);
+    PGT__LIT(out, "}\n");
+    return 0;
+}
+
+/* SessionInfo.statement_event(statement), serialized (compact, or full with t->full), plus
+ * statement_done's counts. */
+static inline int
+pgt__emit(pgt_tracker *t, const pgt__group *g, const pgt__stmt *s, pgt_buf *out)
+{
+    const char *arena = g->arena.data;
+    char duration[48];
+    size_t duration_len = 4, need;
+    double ms = s->started * 1000;
+    int64_t time_ms = ms >= 9.2e18 || ms <= -9.2e18 || ms != ms ? 0 : (int64_t)ms; /* int(): truncates */
+    const pgt_verdict *verdict = s->verdict;
+    int has_sqlstate = s->sqlstate.off != PGT__NONE, has_error = s->error.off != PGT__NONE;
+    int failed = has_sqlstate || s->skipped || has_error;
+    int details = s->parse_kind || s->params.off != PGT__NONE ||
+                  (failed && (s->skipped || (has_error && s->error.len))) || (verdict != NULL && verdict->details_len);
+    pgt__details_of d = {s, arena, failed, has_error};
+
+    if (s->finished)
+        duration_len = pgt__format_duration(duration, s->finished_mono, s->started_mono);
+    else
+        memcpy(duration, "null", 4);
+    need = 512 + s->text.len + duration_len + (s->tag.off != PGT__NONE ? s->tag.len : 0) +
+           (s->params.off != PGT__NONE ? s->params.len : 0) + (has_sqlstate ? s->sqlstate.len : 0) +
+           (has_error ? 2 * s->error.len : 0) + (verdict != NULL ? verdict->row_len + verdict->details_len : 0);
+    if (t->full != NULL) {
+        if (pgt__emit_full(t, s, &d, has_sqlstate, details, time_ms, duration, duration_len, need, out) < 0)
+            return -1;
+    } else {
+        if (pgt_buf_reserve(out, need) < 0)
+            return -1;
+        t->seq++;
+        PGT__LIT(out, "{\"activity_name\":\"query\",\"status\":\"");
+        if (failed)
+            PGT__LIT(out, "Failure\",\"time\":");
+        else
+            PGT__LIT(out, "Success\",\"time\":");
+        pgt__put_i64(out, time_ms);
+        pgt__put_statement(out, t, s, arena, duration, duration_len);
+        PGT__LIT(out, ",\"tv\":");
+        pgt__put_i64(out, t->template_version);
+        if (failed && has_sqlstate) {
+            PGT__LIT(out, ",\"sqlstate\":\"");
+            pgt__put(out, arena + s->sqlstate.off, s->sqlstate.len);
+            out->data[out->len++] = '"';
         }
-        if (failed && s->skipped) {
-            out->data[out->len++] = sep;
-            sep = ',';
-            PGT__LIT(out, "\"skipped\":\"" PGT__SKIPPED_TEXT "\"");
-        }
-        if (failed && has_error && s->error.len) {
-            out->data[out->len++] = sep;
-            sep = ',';
-            PGT__LIT(out, "\"error\":\"");
+        if (failed && has_error) {
+            PGT__LIT(out, ",\"status_detail\":\"");
             pgt__put(out, arena + s->error.off, s->error.len);
             out->data[out->len++] = '"';
         }
-        if (verdict != NULL && verdict->details_len) {
-            out->data[out->len++] = sep;
-            pgt__put(out, verdict->details, verdict->details_len);
+        if (verdict != NULL) {
+            out->data[out->len++] = ',';
+            pgt__put(out, verdict->row, verdict->row_len);
         }
-        out->data[out->len++] = '}';
+        if (details) {
+            PGT__LIT(out, ",\"details\":");
+            pgt__put_details(out, &d, 0);
+        }
+        PGT__LIT(out, "}\n");
     }
-    PGT__LIT(out, "}\n");
     t->statements++;
     if ((has_sqlstate && s->sqlstate.len) || (has_error && s->error.len))
         t->errors++;
