@@ -20,6 +20,10 @@ from typing import Any
 
 import jwt
 
+try:  # ISA-L's deflate where installed (the gateway): at level 1 a sixth of zlib's time, for as good a ratio
+    from isal import isal_zlib as _deflate
+except ImportError:  # the control plane's Lambda layer: zlib
+    _deflate = zlib  # type: ignore[assignment]
 try:  # the gateway (its shipper) has orjson, several times faster; the control plane's Lambda layer does not
     import orjson
 except ImportError:  # pragma: no cover - exercised where orjson is absent
@@ -458,15 +462,16 @@ def jsonl_line(row: Mapping[str, Any]) -> bytes:
 
 class GzipLines:
     """A gzip member written as lines arrive, so what waits to be uploaded is compressed bytes,
-    never the rows. mtime 0 keeps the bytes a pure function of the lines (digests reproducible).
-    Level 1: the gateway's shipper compresses every statement's row on the cores the relay uses, and
-    on statement rows (~1.1 KB, long runs of shared columns) level 1 takes a third of level 6's time
-    (2.9 vs 9.3 µs a row) for objects 28% larger."""
+    never the rows. mtime 0 keeps the bytes a pure function of the lines (digests reproducible, for
+    one deflate implementation). Level 1: the gateway's shipper compresses every statement's row on
+    the cores the relay uses; on statement rows (~1.1 KB, long runs of shared columns) zlib's level 1
+    takes 2.0 µs a row (a third of its level 6's time, for objects 28% larger), ISA-L's 0.3 µs, and
+    compresses them better (24:1 against 22:1)."""
 
     LEVEL = 1
 
     def __init__(self) -> None:
-        self._compress = zlib.compressobj(self.LEVEL, zlib.DEFLATED, -zlib.MAX_WBITS)
+        self._compress = _deflate.compressobj(self.LEVEL, _deflate.DEFLATED, -_deflate.MAX_WBITS)
         # magic, deflate, no flags, mtime 0, "fastest" (level 1), OS unknown: as gzip.compress writes it
         self._out = [b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x04\xff"]
         self._pending: list[bytes] = []
@@ -484,7 +489,7 @@ class GzipLines:
         data = b"".join(self._pending)
         self._pending.clear()
         self._pending_size = 0
-        self._crc = zlib.crc32(data, self._crc)
+        self._crc = _deflate.crc32(data, self._crc)
         self._size += len(data)
         self._out.append(self._compress.compress(data))
 
@@ -493,6 +498,13 @@ class GzipLines:
         self._out.append(self._compress.flush())
         self._out.append(struct.pack("<II", self._crc, self._size & 0xFFFFFFFF))
         return b"".join(self._out)
+
+
+def gzip_member(data: bytes) -> bytes:
+    """`gzip.compress(data, compresslevel=1, mtime=0)`, on the deflate GzipLines uses."""
+    member = GzipLines()
+    member.add(data)
+    return member.finish()
 
 
 def encode_jsonl_gz(rows: Iterable[Mapping[str, Any]]) -> bytes:

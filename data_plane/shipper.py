@@ -10,7 +10,6 @@ spool offset, so a retry after a crash rewrites the same keys: delivery is at le
 from __future__ import annotations
 
 import argparse
-import gzip
 import hashlib
 import json
 import logging
@@ -33,6 +32,7 @@ from control_plane.contract import (
     EventTemplate,
     encode_jsonl_gz,
     evidence_event,
+    gzip_member,
     put_evidence_object,
     recording_chunk_key,
     session_event_id,
@@ -196,7 +196,7 @@ class Shipper:
             chunk = data[:cut]
             key = recording_chunk_key(_dt(float(meta["started_at"])), meta["session_id"], int(progress["chunk"]))
             # Level 1: on a busy gateway the shipper shares the cores with the relay; size matters less.
-            body = gzip.compress(chunk, compresslevel=1, mtime=0)
+            body = gzip_member(chunk)
             self.s3.put_object(Bucket=self.recordings_bucket, Key=key, Body=body, ChecksumAlgorithm="SHA256",
                                ContentType="application/vnd.proctor.recording", ContentEncoding="gzip",
                                Metadata={"session-id": meta["session_id"], "first-prev-hash": progress["prev_hash"],

@@ -24,8 +24,10 @@ from control_plane.contract import (
     CLASS_DATASTORE_ACTIVITY,
     SESSION_COLUMNS,
     STATUS_FAILURE,
+    GzipLines,
     decode_jsonl_gz,
     evidence_event,
+    gzip_member,
     iso_millis,
     recording_chunk_key,
     session_index_key,
@@ -489,6 +491,17 @@ def test_an_orphan_whose_files_end_in_unwritten_zeros_is_cut_back_and_ships_whol
     row = index_row(s3, evidence.session_id)
     assert row["chunks"] == 1
     assert not evidence.directory.exists()
+
+
+@pytest.mark.parametrize("size", [0, 1, 65_535, 65_536, 300_001])
+def test_what_the_shipper_compresses_is_plain_gzip(size: int) -> None:
+    """Whichever deflate is installed (ISA-L's or zlib's), the objects are gzip members any reader opens."""
+    data = os.urandom(size // 2) + b"x" * (size - size // 2)
+    assert gzip.decompress(gzip_member(data)) == data
+    lines = GzipLines()
+    for start in range(0, size, 7_001):
+        lines.add(data[start:start + 7_001])
+    assert gzip.decompress(lines.finish()) == data
 
 
 def test_event_times_format_like_isoformat_across_seconds_and_threads() -> None:
