@@ -15,11 +15,13 @@ setup(
         # the C data path of the PostgreSQL relay: needs OpenSSL's headers (libssl-dev); without it,
         # every session stays on the Python relay
         Extension("data_plane.postgres._fastrelay", ["data_plane/postgres/_fastrelay.c"],
-                  depends=["data_plane/_sha256.h", "data_plane/_record.h", "data_plane/postgres/pgtrack.h",
-                           "data_plane/postgres/pgtrack_py.h", "data_plane/postgres/sqlshape_scan.h"],
+                  depends=["data_plane/_sha256.h", "data_plane/_record.h", "data_plane/_spoolmap.h",
+                           "data_plane/postgres/pgtrack.h", "data_plane/postgres/pgtrack_py.h",
+                           "data_plane/postgres/sqlshape_scan.h"],
                   libraries=["ssl", "crypto"], extra_compile_args=["-pthread"], extra_link_args=["-pthread"],
                   optional=True),
         Extension("data_plane.postgres._pgtrack", ["data_plane/postgres/_pgtrack.c"],
-                  depends=["data_plane/postgres/pgtrack.h", "data_plane/postgres/pgtrack_py.h"], optional=True),
+                  depends=["data_plane/_sha256.h", "data_plane/postgres/pgtrack.h",
+                           "data_plane/postgres/pgtrack_py.h"], optional=True),
     ]
 )

@@ -427,6 +427,24 @@ def event_partition(row: Mapping[str, Any]) -> tuple[str, str]:
     return partition_of(int(row["time"]), str(row.get("gateway_region") or "global"))
 
 
+def full_row_key(line: bytes) -> tuple[int, bytes] | None:
+    """(time, region) of a full row's JSON line as the C data path writes it (pgtrack.h: `time`
+    first, a plain `gateway_region`), read without parsing it; None for any other line. The spool
+    holds no torn line of the C data path's: a failed write is cut off before anything follows it
+    (_spoolmap.h), and the shipper drops a dead gateway's unfinished last line."""
+    comma = line.find(b",", 8)
+    if comma < 0 or not line.startswith(b'{"time":') or not line.endswith(b"}") or not line[8:comma].isdigit():
+        return None
+    at = line.find(b',"gateway_region":"', comma)
+    if at < 0:
+        return None
+    start = at + 19
+    stop = line.find(b'"', start)
+    if stop < 0 or b"\\" in line[start:stop]:
+        return None
+    return int(line[8:comma]), line[start:stop]
+
+
 def partition_of(time_ms: int, region: str) -> tuple[str, str]:
     day = time_ms // _DAY_MS
     dt = _dates.get(day)
@@ -627,29 +645,16 @@ class EventBatch:
         self.first_time = when if self.first_time is None else min(self.first_time, when)
         self.rows += 1
 
-    def add_line(self, line: bytes) -> bool:
-        """Adds a full row's JSON line as the C data path writes it (pgtrack.h's full rows: `time`
-        first, a plain `gateway_region`), without parsing it; False, adding nothing, for a line that
-        is not one. The spool holds no torn line of the C data path's: a failed write is cut off
-        before anything follows it (_spoolmap.h), and the shipper drops a dead gateway's last one."""
-        comma = line.find(b",", 8)
-        at = line.find(b',"gateway_region":"')
-        if (comma < 0 or at < 0 or not line.startswith(b'{"time":') or not line.endswith(b"}")
-                or not line[8:comma].isdigit()):
-            return False
-        start = at + 19
-        region = line[start:line.find(b'"', start)]
-        if b"\\" in region:
-            return False
-        when = int(line[8:comma])
-        partition = partition_of(when, region.decode() or "global")
+    def add_run(self, first_time: int, region: str, lines: bytes, count: int) -> None:
+        """Adds `count` JSON lines (each ending in a newline) of one partition as they are: full rows
+        the C data path wrote (see full_row_key), the earliest at `first_time`."""
+        partition = partition_of(first_time, region or "global")
         part = self._parts.get(partition)
         if part is None:
             part = self._parts[partition] = GzipLines()
-        part.add(line + b"\n")
-        self.first_time = when if self.first_time is None else min(self.first_time, when)
-        self.rows += 1
-        return True
+        part.add(lines)
+        self.first_time = first_time if self.first_time is None else min(self.first_time, first_time)
+        self.rows += count
 
     @property
     def partitions(self) -> list[tuple[str, str]]:

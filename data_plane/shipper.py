@@ -32,13 +32,14 @@ from control_plane.contract import (
     EventTemplate,
     encode_jsonl_gz,
     evidence_event,
+    full_row_key,
     gzip_member,
     put_evidence_object,
     recording_chunk_key,
     session_event_id,
     session_index_key,
 )
-from data_plane.core.recording import complete_prefix, first_record_size, genesis, verified_prefix
+from data_plane.core.recording import _recording, complete_prefix, first_record_size, genesis, verified_prefix
 from data_plane.core.spool import read_json, write_json_atomic
 
 log = logging.getLogger("proctor.shipper")
@@ -53,6 +54,27 @@ def _dt(ts: float) -> str:
 
 def _iso(ts: float | None) -> str | None:
     return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds") if ts else None
+
+
+def _full_row_runs_py(lines: bytes) -> tuple[list[tuple[int, bytes, bytes, int]], list[bytes]]:
+    """The twin of `_recording.full_row_runs`: the full rows among `lines` grouped by day and region
+    (at most 8 groups), as (earliest time, region, their lines, count), and the other lines."""
+    runs: dict[tuple[int, bytes], list[Any]] = {}
+    others: list[bytes] = []
+    for line in lines.splitlines():
+        key = full_row_key(line)
+        group = None if key is None else (key[0] // 86_400_000, key[1])
+        if key is None or (group not in runs and len(runs) == 8):
+            others.append(line)
+            continue
+        run = runs.setdefault(group, [key[0], key[1], [], 0])
+        run[0] = min(run[0], key[0])
+        run[2].append(line + b"\n")
+        run[3] += 1
+    return [(first, region, b"".join(found), count) for first, region, found, count in runs.values()], others
+
+
+full_row_runs = _recording.full_row_runs if _recording is not None else _full_row_runs_py
 
 
 def _trim_unwritten(directory: Path, progress: dict[str, Any]) -> None:
@@ -229,11 +251,8 @@ class Shipper:
             return 0, 0
         templates: dict[int, EventTemplate] = {}
         rows: list[tuple[EventTemplate | None, dict[str, Any]]] = []  # compact rows (small) and their template
-        added = 0
-        for line in data[:end].splitlines():
-            if events.add_line(line):  # a full row, as the C data path writes them: shipped as it is
-                added += 1
-                continue
+        runs, others = full_row_runs(data[:end])  # full rows: the C data path's, shipped as they are
+        for line in others:
             try:
                 row = orjson.loads(line)
             except orjson.JSONDecodeError:
@@ -250,6 +269,10 @@ class Shipper:
                         raise FileNotFoundError(f"{session_id}: event template {version} missing")
                     template = templates[version] = EventTemplate.from_doc(doc)
             rows.append((template, row))
+        added = 0
+        for first_time, region, lines, count in runs:
+            events.add_run(first_time, region.decode(), lines, count)
+            added += count
         for template, row in rows:  # each full row lives only until it is compressed
             if template is None:
                 events.add(row)

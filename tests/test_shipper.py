@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import boto3
+import orjson
 import pytest
 from botocore.exceptions import ClientError
 from moto import mock_aws
@@ -32,10 +33,10 @@ from control_plane.contract import (
     recording_chunk_key,
     session_index_key,
 )
-from data_plane.core.recording import FROM_CLIENT, FROM_SERVER, META, ChainBroken, genesis, read_records
+from data_plane.core.recording import FROM_CLIENT, FROM_SERVER, META, ChainBroken, _recording, genesis, read_records
 from data_plane.core.session import new_session_id
 from data_plane.core.spool import SessionEvidence, Spool
-from data_plane.shipper import Shipper
+from data_plane.shipper import Shipper, _full_row_runs_py
 from proctor.dev.aws import EVIDENCE_BUCKET, RECORDINGS_BUCKET, create_resources
 
 REGION = "eu-west-1"
@@ -502,6 +503,42 @@ def test_what_the_shipper_compresses_is_plain_gzip(size: int) -> None:
     for start in range(0, size, 7_001):
         lines.add(data[start:start + 7_001])
     assert gzip.decompress(lines.finish()) == data
+
+
+def full_line(row: dict[str, Any]) -> bytes:
+    """A full row as the C data path writes it: `time` first."""
+    return orjson.dumps({"time": row["time"], **row}) + b"\n"
+
+
+def test_full_rows_of_the_c_data_path_ship_as_written_by_day(s3: Any, spool: Spool) -> None:
+    """Rows the C data path wrote whole are shipped without parsing, into their day's partition, beside
+    compact rows the shipper expands."""
+    evidence = open_session(spool)
+    connect = event_row(evidence, "connect", 1)  # a row Python wrote: parsed and encoded again
+    rows = [evidence_event(CLASS_DATASTORE_ACTIVITY, "query", region=REGION, now=STARTED + seconds,
+                           session_id=evidence.session_id, statement=f"SELECT {seconds}", details={"n": seconds})
+            for seconds in (30, 59, 61, 90)]  # 23:59:30 .. 00:00:30: two days
+    for row in rows:
+        os.write(evidence.events_fd, full_line(row))
+    evidence.close({"ended_at": STARTED + 91})
+    shipper(s3, spool).ship_once()
+    shipped = shipped_rows(s3, evidence.session_id)
+    expected = json.loads(json.dumps([connect, *rows]))
+    assert sorted(shipped, key=lambda r: r["time"]) == sorted(expected, key=lambda r: r["time"])
+    keys = event_keys(s3, evidence.session_id)
+    assert {key.split("/")[1] for key in keys} == {"dt=2025-03-04", "dt=2025-03-05"}
+
+
+def test_the_c_and_python_full_row_runs_agree() -> None:
+    lines = [orjson.dumps({"time": 86_400_000 * (i % 3) + i, "gateway_region": f"r{i % 4}", "x": "}"})
+             for i in range(40)]
+    lines += [b'{"time":5,"gateway_region":"a\\"b"}', b'{"time":5,"gateway_region":null}', b'{"time":-5,"x":1}',
+              b'{"time":5,"gateway_region":"us"', b'{"activity_name":"query","time":5}', b"", b'{"time":7}']
+    data = b"\n".join(lines) + b"\n"
+    assert _recording is not None
+    assert _recording.full_row_runs(data) == _full_row_runs_py(data)
+    runs, others = _full_row_runs_py(data)
+    assert len(runs) == 8 and sum(count for *_, count in runs) + len(others) == len(lines)
 
 
 def test_event_times_format_like_isoformat_across_seconds_and_threads() -> None:

@@ -1,6 +1,7 @@
 /* The recording's hot path: one record hash-chained and written with one writev — the C twin of
  * recording._append_py (same bytes, same hash; tests compare them). Every chunk the gateway
  * relays goes through it, twice per round trip, so it is worth a few hundred nanoseconds. */
+#define _GNU_SOURCE /* memmem */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <errno.h>
@@ -110,6 +111,145 @@ verified_prefix(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     return Py_BuildValue("(ny#)", (Py_ssize_t)pos, (const char *)prev, (Py_ssize_t)RECORD_HASH_SIZE);
 }
 
+/* ---------------------------------------------------------------------------------------------- */
+/* The shipper's other loop: runs of the full evidence rows the C data path writes (pgtrack.h), taken
+ * by partition without parsing them, as contract.full_row_key reads one. */
+
+#define RUNS_MAX 8
+#define DAY_MS 86400000LL
+
+typedef struct {
+    long long day, first;
+    const char *region;
+    size_t region_len, count;
+    char *data;
+    size_t len, cap;
+} run_t;
+
+/* A full row's line: `{"time":<digits>,` … `,"gateway_region":"<no quote, no backslash>"` … `}`. */
+static int
+full_row(const char *p, size_t n, long long *time_ms, const char **region, size_t *region_len)
+{
+    static const char key[] = ",\"gateway_region\":\"";
+    size_t i = 8, klen = sizeof key - 1;
+    long long t = 0;
+    const char *at, *end;
+    if (n < 10 || memcmp(p, "{\"time\":", 8) != 0 || p[n - 1] != '}')
+        return 0;
+    while (i < n && p[i] >= '0' && p[i] <= '9' && i < 26)
+        t = t * 10 + (p[i++] - '0');
+    if (i == 8 || i >= n || p[i] != ',')
+        return 0;
+    at = memmem(p + i, n - i, key, klen);
+    if (at == NULL)
+        return 0;
+    at += klen;
+    end = memchr(at, '"', (size_t)(p + n - at));
+    if (end == NULL || memchr(at, '\\', (size_t)(end - at)) != NULL)
+        return 0;
+    *time_ms = t;
+    *region = at;
+    *region_len = (size_t)(end - at);
+    return 1;
+}
+
+static int
+run_append(run_t *r, const char *p, size_t n)
+{
+    if (r->len + n + 1 > r->cap) {
+        size_t cap = r->cap ? r->cap : 1 << 16;
+        char *data;
+        while (cap < r->len + n + 1)
+            cap *= 2;
+        data = realloc(r->data, cap);
+        if (data == NULL)
+            return -1;
+        r->data = data;
+        r->cap = cap;
+    }
+    memcpy(r->data + r->len, p, n);
+    r->data[r->len + n] = '\n';
+    r->len += n + 1;
+    return 0;
+}
+
+/* full_row_runs(lines: bytes) -> ([(first time ms, region, lines, count)], [other line, …]): the
+ * full rows of whole lines grouped by day and region (each run's lines end in a newline), and every
+ * other line, in order. */
+static PyObject *
+full_row_runs(PyObject *module, PyObject *arg)
+{
+    Py_buffer data;
+    run_t runs[RUNS_MAX];
+    size_t nruns = 0, pos = 0, i;
+    PyObject *others = NULL, *out = NULL, *list = NULL;
+    (void)module;
+    if (PyObject_GetBuffer(arg, &data, PyBUF_SIMPLE) < 0)
+        return NULL;
+    memset(runs, 0, sizeof runs);
+    others = PyList_New(0);
+    if (others == NULL)
+        goto done;
+    while (pos < (size_t)data.len) {
+        const char *p = (const char *)data.buf + pos, *nl = memchr(p, '\n', (size_t)data.len - pos);
+        size_t n = nl ? (size_t)(nl - p) : (size_t)data.len - pos, region_len;
+        const char *region;
+        long long t;
+        run_t *r = NULL;
+        pos += n + 1;
+        if (full_row(p, n, &t, &region, &region_len)) {
+            long long day = t / DAY_MS;
+            for (i = 0; i < nruns; i++)
+                if (runs[i].day == day && runs[i].region_len == region_len &&
+                    memcmp(runs[i].region, region, region_len) == 0) {
+                    r = &runs[i];
+                    break;
+                }
+            if (r == NULL && nruns < RUNS_MAX) {
+                r = &runs[nruns++];
+                r->day = day;
+                r->first = t;
+                r->region = region;
+                r->region_len = region_len;
+            }
+        }
+        if (r != NULL) {
+            if (run_append(r, p, n) < 0) {
+                PyErr_NoMemory();
+                goto done;
+            }
+            r->count++;
+            if (t < r->first)
+                r->first = t;
+        } else {
+            PyObject *line = PyBytes_FromStringAndSize(p, (Py_ssize_t)n);
+            if (line == NULL || PyList_Append(others, line) < 0) {
+                Py_XDECREF(line);
+                goto done;
+            }
+            Py_DECREF(line);
+        }
+    }
+    list = PyList_New((Py_ssize_t)nruns);
+    if (list == NULL)
+        goto done;
+    for (i = 0; i < nruns; i++) {
+        PyObject *item = Py_BuildValue("(Ly#y#n)", runs[i].first, runs[i].region, (Py_ssize_t)runs[i].region_len,
+                                       runs[i].data, (Py_ssize_t)runs[i].len, (Py_ssize_t)runs[i].count);
+        if (item == NULL)
+            goto done;
+        PyList_SET_ITEM(list, (Py_ssize_t)i, item);
+    }
+    out = PyTuple_Pack(2, list, others);
+done:
+    for (i = 0; i < nruns; i++)
+        free(runs[i].data);
+    Py_XDECREF(list);
+    Py_XDECREF(others);
+    PyBuffer_Release(&data);
+    return out;
+}
+
 static PyObject *
 set_sha_path(PyObject *module, PyObject *arg)
 {
@@ -125,6 +265,8 @@ static PyMethodDef methods[] = {
      "append(fd, prev_hash, seq, time, direction, kind, payload) -> hash: write one record"},
     {"verified_prefix", (PyCFunction)(void (*)(void))verified_prefix, METH_FASTCALL,
      "verified_prefix(data, prev_hash) -> (end, last_hash): the whole records at the start whose links verify"},
+    {"full_row_runs", full_row_runs, METH_O,
+     "full_row_runs(lines) -> ([(first time, region, lines, count)], [other line]): full evidence rows by partition"},
     {"_set_sha_path", set_sha_path, METH_O, "Use the SHA extensions when true and available (tests compare both)."},
     {NULL, NULL, 0, NULL},
 };
