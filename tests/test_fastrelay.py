@@ -7,6 +7,7 @@ import os
 import select
 import socket
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -42,7 +43,7 @@ def answer(tag: str, *rows: bytes) -> bytes:
 
 
 class Harness:
-    def __init__(self, tmp: Path, shapes: Any = None) -> None:
+    def __init__(self, tmp: Path, shapes: Any = None, fsync_interval: float = 1.0) -> None:
         self.engine = _fastrelay.Engine(workers=1)
         self.client, client_gw = socket.socketpair()
         self.server, server_gw = socket.socketpair()
@@ -55,7 +56,8 @@ class Harness:
         self.handle = self.engine.adopt(
             client_fd=client_gw.fileno(), client_ssl=None, client_early=b"", server_fd=server_gw.fileno(),
             server_ssl=None, server_early=b"", recording_fd=self.recording.fd, prev_hash=self.recording.prev_hash,
-            seq=self.recording.seq, recording_bytes=0, next_sync=self.recording.next_sync, fsync_interval=1.0,
+            seq=self.recording.seq, recording_bytes=0,
+            next_sync=self.recording.next_sync if fsync_interval else 0.0, fsync_interval=fsync_interval,
             events_fd=self.events_fd, events_seq=1, template_version=1, record_parameters=True, max_len=1 << 20,
             shapes=shapes, standard_strings=True, context=None)
         self.tmp = tmp
@@ -181,6 +183,34 @@ def test_the_spool_is_written_in_place_then_cut_back_for_python_to_append_to(har
     records = list(read_records((harness.tmp / "recording.bin").read_bytes(), genesis(SESSION)))
     assert [r.payload for r in records] == [query, result, b"the Python relay's"]
     assert [row["seq"] for row in harness.events()] == [2, 3]
+
+
+def test_an_fsync_asked_for_every_record_leaves_no_descriptor_behind(tmp_path: Path) -> None:
+    """fsync_interval 0: every record asks for an fsync, which the engine's syncer thread does on a
+    duplicate of the descriptor and closes; the relay goes on meanwhile."""
+    before = len(os.listdir("/proc/self/fd"))
+    harness = Harness(tmp_path, fsync_interval=0.0)
+    opened = len(os.listdir("/proc/self/fd"))
+    try:
+        for i in range(50):
+            query = m.query(f"SELECT {i}")
+            harness.client.sendall(query)
+            assert recv_exactly(harness.server, len(query)) == query
+            result = answer("SELECT 1", b"1")
+            harness.server.sendall(result)
+            assert recv_exactly(harness.client, len(result)) == result
+        deadline = time.monotonic() + 5
+        while len(os.listdir("/proc/self/fd")) > opened + 2 and time.monotonic() < deadline:  # the spool maps
+            time.sleep(0.01)
+        assert len(os.listdir("/proc/self/fd")) <= opened + 2
+        harness.client.sendall(m.terminate())
+        harness.client.shutdown(socket.SHUT_WR)
+        (kind, _, _, state), = harness.completions()
+        assert kind == "done" and state["seq"] == 101  # 50 queries, 50 results, the Terminate
+    finally:
+        harness.close()
+        del harness
+    assert len(os.listdir("/proc/self/fd")) <= before
 
 
 def test_a_new_shape_is_judged_then_passes_for_good(tmp_path: Path) -> None:

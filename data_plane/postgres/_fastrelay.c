@@ -18,6 +18,7 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <errno.h>
+#include <fcntl.h>
 #include <pthread.h>
 #include <stdint.h>
 #include <string.h>
@@ -424,8 +425,21 @@ typedef struct worker {
     unsigned char plain[PLAIN_CHUNK];  /* what a read gave (decrypted), relayed from here when whole */
 } Worker;
 
+/* The recordings' periodic fsync, off the relay threads: an fsync takes 1 ms to 20 ms here, and a relay
+ * thread blocked that long stalls every session it serves. A worker hands over a duplicate of the
+ * file's descriptor, which this thread fsyncs and closes. */
+typedef struct {
+    pthread_t thread;
+    int started, stopping;
+    pthread_mutex_t lock;
+    pthread_cond_t wake;
+    int *fds;
+    size_t n, cap;
+} Syncer;
+
 typedef struct Engine {
     PyObject_HEAD
+    Syncer syncer;
     int notify_fd;
     int nworkers, stopping;
     Worker *workers;
@@ -458,6 +472,61 @@ be32(const unsigned char *p)
     return ((uint32_t)p[0] << 24) | ((uint32_t)p[1] << 16) | ((uint32_t)p[2] << 8) | p[3];
 }
 
+static void *
+syncer_main(void *arg)
+{
+    Syncer *y = arg;
+    pthread_mutex_lock(&y->lock);
+    for (;;) {
+        int *fds;
+        size_t n, i;
+        while (y->n == 0 && !y->stopping)
+            pthread_cond_wait(&y->wake, &y->lock);
+        if (y->n == 0)
+            break; /* stopping, and nothing left */
+        fds = y->fds;
+        n = y->n;
+        y->fds = NULL;
+        y->n = y->cap = 0;
+        pthread_mutex_unlock(&y->lock);
+        for (i = 0; i < n; i++) {
+            fsync(fds[i]);
+            close(fds[i]);
+        }
+        free(fds);
+        pthread_mutex_lock(&y->lock);
+    }
+    pthread_mutex_unlock(&y->lock);
+    return NULL;
+}
+
+/* fsync(fd) on the syncer thread (here, where it cannot be handed over). */
+static void
+sync_later(Syncer *y, int fd)
+{
+    int copy = y->started ? fcntl(fd, F_DUPFD_CLOEXEC, 0) : -1;
+    if (copy < 0) {
+        fsync(fd);
+        return;
+    }
+    pthread_mutex_lock(&y->lock);
+    if (y->n == y->cap) {
+        size_t cap = y->cap ? y->cap * 2 : 16;
+        int *fds = realloc(y->fds, cap * sizeof *fds);
+        if (fds == NULL) {
+            pthread_mutex_unlock(&y->lock);
+            fsync(copy);
+            close(copy);
+            return;
+        }
+        y->fds = fds;
+        y->cap = cap;
+    }
+    y->fds[y->n++] = copy;
+    pthread_cond_signal(&y->wake);
+    pthread_mutex_unlock(&y->lock);
+}
+
 /* One record of the hash-chained recording (recording.py's format and fsync policy). */
 static int
 record(session *s, int direction, int kind, const unsigned char *payload, size_t n, double now)
@@ -472,7 +541,7 @@ record(session *s, int direction, int kind, const unsigned char *payload, size_t
     s->seq++;
     s->rec_bytes += RECORD_HEADER_SIZE + n + HASH_SIZE;
     if (now >= s->next_sync) {
-        fsync(s->rec_fd);
+        sync_later(&s->w->eng->syncer, s->rec_fd);
         s->next_sync = now + s->fsync_interval;
     }
     return 0;
@@ -1838,6 +1907,18 @@ Engine_dealloc(Engine *eng)
         pthread_mutex_destroy(&w->lock);
     }
     free(eng->workers);
+    if (eng->syncer.started) { /* what is queued is synced before it stops */
+        pthread_mutex_lock(&eng->syncer.lock);
+        eng->syncer.stopping = 1;
+        pthread_cond_signal(&eng->syncer.wake);
+        pthread_mutex_unlock(&eng->syncer.lock);
+        Py_BEGIN_ALLOW_THREADS
+        pthread_join(eng->syncer.thread, NULL);
+        Py_END_ALLOW_THREADS
+    }
+    free(eng->syncer.fds);
+    pthread_mutex_destroy(&eng->syncer.lock);
+    pthread_cond_destroy(&eng->syncer.wake);
     while (eng->completions != NULL) {
         completion *c = eng->completions;
         eng->completions = c->next;
@@ -1870,6 +1951,10 @@ Engine_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
     if (eng == NULL)
         return NULL;
     pthread_mutex_init(&eng->lock, NULL);
+    pthread_mutex_init(&eng->syncer.lock, NULL);
+    pthread_cond_init(&eng->syncer.wake, NULL);
+    /* without it, a relay thread fsyncs itself */
+    eng->syncer.started = pthread_create(&eng->syncer.thread, NULL, syncer_main, &eng->syncer) == 0;
     eng->notify_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
     eng->workers = calloc((size_t)nworkers, sizeof(Worker));
     if (eng->workers == NULL) {
