@@ -29,7 +29,7 @@
 
 #define SPOOLMAP_FIRST_WINDOW ((size_t)64 << 10)
 #define SPOOLMAP_MAX_WINDOW ((size_t)1 << 20)
-#define SPOOLMAP_COPY_MAX ((size_t)64 << 10) /* larger writes go through pwritev(2) */
+#define SPOOLMAP_COPY_MAX ((size_t)4 << 10) /* larger writes go through pwritev(2) */
 
 typedef struct {
     int fd;              /* the spool's descriptor (write-only, appending) */
