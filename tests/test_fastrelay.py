@@ -3,9 +3,12 @@ and writes as evidence, and the three ways it talks to Python (judge, eject, ter
 
 from __future__ import annotations
 
+import json
 import os
 import select
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -211,6 +214,53 @@ def test_an_fsync_asked_for_every_record_leaves_no_descriptor_behind(tmp_path: P
         harness.close()
         del harness
     assert len(os.listdir("/proc/self/fd")) <= before
+
+
+# A full disk, played by RLIMIT_FSIZE in a child process (fallocate and writes past the limit fail with
+# EFBIG, a short write at the limit): the mapping cannot grow, the appends fall back to writev and then
+# fail, the session ends, and the file is cut back to whole records.
+_FULL_DISK = """
+import json, os, resource, signal, socket, sys
+from pathlib import Path
+from data_plane.core.recording import genesis, read_records
+from data_plane.postgres import messages as m
+from tests.test_fastrelay import SESSION, Harness, answer, recv_exactly
+
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+tmp = Path(sys.argv[1])
+harness = Harness(tmp)
+soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+resource.setrlimit(resource.RLIMIT_FSIZE, (20_000, hard))
+relayed = 0
+try:
+    for i in range(200):
+        query = m.query("SELECT %d" % i)
+        harness.client.sendall(query)
+        recv_exactly(harness.server, len(query))
+        result = answer("SELECT 1", b"x" * 300)
+        harness.server.sendall(result)
+        recv_exactly(harness.client, len(result))
+        relayed += 1
+except (AssertionError, OSError, TimeoutError):
+    pass
+(kind, _, _, state), = harness.completions()
+resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+data = (tmp / "recording.bin").read_bytes()
+records = list(read_records(data, genesis(SESSION)))
+print(json.dumps({"kind": kind, "reason": state["reason"], "relayed": relayed, "size": len(data),
+                  "recording_bytes": state["recording_bytes"], "records": len(records)}))
+"""
+
+
+def test_a_full_disk_ends_the_session_and_leaves_only_whole_records(tmp_path: Path) -> None:
+    out = subprocess.run([sys.executable, "-c", _FULL_DISK, str(tmp_path)], capture_output=True, text=True,
+                         timeout=60, cwd=Path(__file__).resolve().parent.parent, check=False)
+    assert out.returncode == 0, out.stderr[-2000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["kind"] == "done" and "cannot be written" in result["reason"]
+    assert 0 < result["relayed"] < 200  # relayed while the records fit, not after
+    assert result["size"] == result["recording_bytes"] <= 20_000  # cut back to the records it wrote whole
+    assert result["records"] >= 2 * result["relayed"]
 
 
 def test_a_new_shape_is_judged_then_passes_for_good(tmp_path: Path) -> None:
