@@ -418,7 +418,7 @@ def evidence_event(
         activity, status=status, now=now, details=details, **fields)
 
 
-_DAY_MS = 86_400_000
+DAY_MS = 86_400_000
 _dates: dict[int, str] = {}  # day number -> "YYYY-MM-DD": a batch of events spans a day or two
 
 
@@ -446,12 +446,12 @@ def full_row_key(line: bytes) -> tuple[int, bytes] | None:
 
 
 def partition_of(time_ms: int, region: str) -> tuple[str, str]:
-    day = time_ms // _DAY_MS
+    day = time_ms // DAY_MS
     dt = _dates.get(day)
     if dt is None:
         if len(_dates) > 1024:
             _dates.clear()
-        dt = _dates[day] = datetime.fromtimestamp(day * (_DAY_MS // 1000), UTC).strftime("%Y-%m-%d")
+        dt = _dates[day] = datetime.fromtimestamp(day * (DAY_MS // 1000), UTC).strftime("%Y-%m-%d")
     return dt, region
 
 
@@ -636,19 +636,14 @@ class EventBatch:
 
     def add(self, row: Mapping[str, Any], line: bytes | None = None) -> None:
         """Adds the row; `line` is a JSON line of it when the caller has one already."""
-        partition = event_partition(row)
-        part = self._parts.get(partition)
-        if part is None:
-            part = self._parts[partition] = GzipLines()
-        part.add(jsonl_line(row) if line is None else line)
-        when = int(row["time"])
-        self.first_time = when if self.first_time is None else min(self.first_time, when)
-        self.rows += 1
+        self._add(event_partition(row), jsonl_line(row) if line is None else line, int(row["time"]), 1)
 
     def add_run(self, first_time: int, region: str, lines: bytes, count: int) -> None:
         """Adds `count` JSON lines (each ending in a newline) of one partition as they are: full rows
         the C data path wrote (see full_row_key), the earliest at `first_time`."""
-        partition = partition_of(first_time, region or "global")
+        self._add(partition_of(first_time, region or "global"), lines, first_time, count)
+
+    def _add(self, partition: tuple[str, str], lines: bytes, first_time: int, count: int) -> None:
         part = self._parts.get(partition)
         if part is None:
             part = self._parts[partition] = GzipLines()

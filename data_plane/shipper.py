@@ -26,6 +26,7 @@ import orjson
 
 from control_plane.contract import (
     CLASS_DATASTORE_ACTIVITY,
+    DAY_MS,
     SESSION_COLUMNS,
     STATUS_FAILURE,
     EventBatch,
@@ -63,7 +64,7 @@ def _full_row_runs_py(lines: bytes) -> tuple[list[tuple[int, bytes, bytes, int]]
     others: list[bytes] = []
     for line in lines.splitlines():
         key = full_row_key(line)
-        group = None if key is None else (key[0] // 86_400_000, key[1])
+        group = None if key is None else (key[0] // DAY_MS, key[1])
         if key is None or (group not in runs and len(runs) == 8):
             others.append(line)
             continue

@@ -1,6 +1,8 @@
 /* The recording's hot path: one record hash-chained and written with one writev — the C twin of
  * recording._append_py (same bytes, same hash; tests compare them). Every chunk the gateway
- * relays goes through it, twice per round trip, so it is worth a few hundred nanoseconds. */
+ * relays goes through it, twice per round trip, so it is worth a few hundred nanoseconds. The
+ * shipper's two loops over a spool live here too: the records of a live session whose links verify,
+ * and the C data path's full evidence rows by partition (each with a Python twin). */
 #define _GNU_SOURCE /* memmem */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>

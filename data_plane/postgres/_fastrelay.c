@@ -3,7 +3,8 @@
  * holds), both of its connections are handed to a worker thread that relays without the GIL:
  * TLS (the session's own OpenSSL objects, taken over from the event loop's memory BIOs), frame
  * scanning, the hash-chained recording (one record per read, in the page cache before the bytes are
- * relayed, as in recording.py; copied into a mapping of the spool file, _spoolmap.h), statement bookkeeping and evidence rows (pgtrack.h, the twin of tracker.py).
+ * relayed, as in recording.py; copied into a mapping of the spool file, _spoolmap.h), statement
+ * bookkeeping and evidence rows (pgtrack.h, the twin of tracker.py).
  *
  * Python keeps everything else. The worker asks it, through a completion queue the event loop
  * watches (an eventfd), to judge a statement whose shape it has no verdict for; the answer either
@@ -498,6 +499,33 @@ syncer_main(void *arg)
     }
     pthread_mutex_unlock(&y->lock);
     return NULL;
+}
+
+static void
+syncer_start(Syncer *y)
+{
+    pthread_mutex_init(&y->lock, NULL);
+    pthread_cond_init(&y->wake, NULL);
+    /* without it, a relay thread fsyncs itself */
+    y->started = pthread_create(&y->thread, NULL, syncer_main, y) == 0;
+}
+
+/* Syncs what is queued, then stops (called with the GIL held: released while it waits). */
+static void
+syncer_stop(Syncer *y)
+{
+    if (y->started) {
+        pthread_mutex_lock(&y->lock);
+        y->stopping = 1;
+        pthread_cond_signal(&y->wake);
+        pthread_mutex_unlock(&y->lock);
+        Py_BEGIN_ALLOW_THREADS
+        pthread_join(y->thread, NULL);
+        Py_END_ALLOW_THREADS
+    }
+    free(y->fds);
+    pthread_mutex_destroy(&y->lock);
+    pthread_cond_destroy(&y->wake);
 }
 
 /* fsync(fd) on the syncer thread (here, where it cannot be handed over). */
@@ -1633,7 +1661,6 @@ Engine_adopt(Engine *eng, PyObject *args, PyObject *kwds)
                              "shapes", "standard_strings", "context", "full_rows", NULL};
     int cfd, bfd, rec_fd, events_fd, tv, record_parameters, standard_strings;
     PyObject *cssl, *bssl, *cearly, *bearly, *shapes, *context, *full_rows = Py_None;
-    pgt_full *full;
     Py_buffer prev;
     unsigned long long seq, rec_bytes, events_seq;
     unsigned int max_len;
@@ -1651,13 +1678,8 @@ Engine_adopt(Engine *eng, PyObject *args, PyObject *kwds)
         PyErr_SetString(PyExc_TypeError, "prev_hash: 32 bytes; shapes: a ShapeSet or None");
         return NULL;
     }
-    if (pgtpy_full(full_rows, &full) < 0) {
-        PyBuffer_Release(&prev);
-        return NULL;
-    }
     s = calloc(1, sizeof *s);
     if (s == NULL) {
-        pgt_full_free(full);
         PyBuffer_Release(&prev);
         return PyErr_NoMemory();
     }
@@ -1668,17 +1690,14 @@ Engine_adopt(Engine *eng, PyObject *args, PyObject *kwds)
     s->c.fd = s->b.fd = -1;
     if (init_endpoint(&s->c, s, FROM_CLIENT, cfd, cssl, cearly) < 0 ||
         init_endpoint(&s->b, s, FROM_SERVER, bfd, bssl, bearly) < 0) {
-        pgt_full_free(full);
         session_free(s);
         return NULL;
     }
-    s->t = pgt_new(record_parameters, (int64_t)events_seq, tv);
+    s->t = pgtpy_tracker(record_parameters, (int64_t)events_seq, tv, full_rows);
     if (s->t == NULL) {
-        pgt_full_free(full);
         session_free(s);
-        return PyErr_NoMemory();
+        return NULL;
     }
-    pgt_set_full(s->t, full);
     s->rec_fd = rec_fd;
     s->seq = seq;
     s->rec_bytes = rec_bytes;
@@ -1907,18 +1926,7 @@ Engine_dealloc(Engine *eng)
         pthread_mutex_destroy(&w->lock);
     }
     free(eng->workers);
-    if (eng->syncer.started) { /* what is queued is synced before it stops */
-        pthread_mutex_lock(&eng->syncer.lock);
-        eng->syncer.stopping = 1;
-        pthread_cond_signal(&eng->syncer.wake);
-        pthread_mutex_unlock(&eng->syncer.lock);
-        Py_BEGIN_ALLOW_THREADS
-        pthread_join(eng->syncer.thread, NULL);
-        Py_END_ALLOW_THREADS
-    }
-    free(eng->syncer.fds);
-    pthread_mutex_destroy(&eng->syncer.lock);
-    pthread_cond_destroy(&eng->syncer.wake);
+    syncer_stop(&eng->syncer);
     while (eng->completions != NULL) {
         completion *c = eng->completions;
         eng->completions = c->next;
@@ -1951,10 +1959,7 @@ Engine_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
     if (eng == NULL)
         return NULL;
     pthread_mutex_init(&eng->lock, NULL);
-    pthread_mutex_init(&eng->syncer.lock, NULL);
-    pthread_cond_init(&eng->syncer.wake, NULL);
-    /* without it, a relay thread fsyncs itself */
-    eng->syncer.started = pthread_create(&eng->syncer.thread, NULL, syncer_main, &eng->syncer) == 0;
+    syncer_start(&eng->syncer);
     eng->notify_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
     eng->workers = calloc((size_t)nworkers, sizeof(Worker));
     if (eng->workers == NULL) {

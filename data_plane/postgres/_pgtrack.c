@@ -44,20 +44,12 @@ Tracker_init(TrackerObject *self, PyObject *args, PyObject *kwargs)
     int record_parameters = 1, template_version = 1;
     long long first_seq = 0;
     PyObject *full_rows = Py_None;
-    pgt_full *full;
     if (!PyArg_ParseTupleAndKeywords(args, kwargs, "|pLiO:Tracker", keywords, &record_parameters, &first_seq,
-                                     &template_version, &full_rows) ||
-        pgtpy_full(full_rows, &full) < 0)
+                                     &template_version, &full_rows))
         return -1;
     pgt_free(self->tracker);
-    self->tracker = pgt_new(record_parameters, first_seq, template_version);
-    if (self->tracker == NULL) {
-        pgt_full_free(full);
-        PyErr_NoMemory();
-        return -1;
-    }
-    pgt_set_full(self->tracker, full);
-    return 0;
+    self->tracker = pgtpy_tracker(record_parameters, first_seq, template_version, full_rows);
+    return self->tracker == NULL ? -1 : 0;
 }
 
 static void

@@ -1418,7 +1418,7 @@ pgt__put_statement(pgt_buf *out, const pgt_tracker *t, const pgt__stmt *s, const
 typedef struct {
     const pgt__stmt *s;
     const char *arena;
-    int failed, has_error;
+    int failed, has_sqlstate, has_error;
 } pgt__details_of;
 
 static inline void
@@ -1498,6 +1498,36 @@ pgt__put_details(pgt_buf *out, const pgt__details_of *d, int sorted)
     out->data[out->len++] = '}';
 }
 
+/* The members a row sets when its statement has them: sqlstate and status_detail (a failure), rule
+ * and approval_id (a verdict); with f (a full row), the template's members for those it has not
+ * (reserved). */
+static inline void
+pgt__put_outcome(pgt_buf *out, const pgt__details_of *d, const pgt_full *f)
+{
+    const pgt__stmt *s = d->s;
+    if (d->failed && d->has_sqlstate) {
+        PGT__LIT(out, ",\"sqlstate\":\"");
+        pgt__put(out, d->arena + s->sqlstate.off, s->sqlstate.len);
+        out->data[out->len++] = '"';
+    } else if (f != NULL) {
+        pgt__put(out, f->absent[PGT__SQLSTATE], f->absent_len[PGT__SQLSTATE]);
+    }
+    if (d->failed && d->has_error) {
+        PGT__LIT(out, ",\"status_detail\":\"");
+        pgt__put(out, d->arena + s->error.off, s->error.len);
+        out->data[out->len++] = '"';
+    } else if (f != NULL) {
+        pgt__put(out, f->absent[PGT__STATUS_DETAIL], f->absent_len[PGT__STATUS_DETAIL]);
+    }
+    if (s->verdict != NULL) {
+        out->data[out->len++] = ',';
+        pgt__put(out, s->verdict->row, s->verdict->row_len);
+    } else if (f != NULL) {
+        pgt__put(out, f->absent[PGT__RULE], f->absent_len[PGT__RULE]);
+        pgt__put(out, f->absent[PGT__APPROVAL_ID], f->absent_len[PGT__APPROVAL_ID]);
+    }
+}
+
 /* contract.session_event_id: the first 16 bytes of SHA-256("<session id>:<seq>"), in hex (reserved). */
 static inline void
 pgt__put_event_id(pgt_buf *out, const pgt_full *f, int64_t seq)
@@ -1505,14 +1535,13 @@ pgt__put_event_id(pgt_buf *out, const pgt_full *f, int64_t seq)
     char digits[24];
     unsigned char digest[32];
     sha256_t h;
-    size_t n = 0, i;
-    pgt_buf tmp = {digits, 0, sizeof digits};
-    pgt__put_i64(&tmp, seq);
-    n = tmp.len;
+    size_t i;
+    pgt_buf seq_text = {digits, 0, sizeof digits};
+    pgt__put_i64(&seq_text, seq);
     sha256_init(&h);
     sha256_update(&h, (const unsigned char *)f->session_id, f->session_id_len);
     sha256_update(&h, (const unsigned char *)":", 1);
-    sha256_update(&h, (const unsigned char *)digits, n);
+    sha256_update(&h, (const unsigned char *)digits, seq_text.len);
     sha256_final(&h, digest);
     for (i = 0; i < 16; i++) {
         out->data[out->len++] = pgt__hex[digest[i] >> 4];
@@ -1545,11 +1574,10 @@ pgt__put_iso(pgt_buf *out, pgt_full *f, int64_t ms)
 
 /* The full row (EventTemplate.expand of the compact one): `time` first, where the shipper reads it. */
 static inline int
-pgt__emit_full(pgt_tracker *t, const pgt__stmt *s, const pgt__details_of *d, int has_sqlstate, int details,
-               int64_t time_ms, const char *duration, size_t duration_len, size_t need, pgt_buf *out)
+pgt__emit_full(pgt_tracker *t, const pgt__details_of *d, int details, int64_t time_ms, const char *duration,
+               size_t duration_len, size_t need, pgt_buf *out)
 {
     pgt_full *f = t->full;
-    const char *arena = d->arena;
     size_t i, extra = need + f->rest_len + 160;
     if (details) {
         f->details.len = 0;
@@ -1569,7 +1597,7 @@ pgt__emit_full(pgt_tracker *t, const pgt__stmt *s, const pgt__details_of *d, int
         PGT__LIT(out, ",\"activity_name\":\"query\",\"status\":\"Failure\"");
     else
         PGT__LIT(out, ",\"activity_name\":\"query\",\"status\":\"Success\"");
-    pgt__put_statement(out, t, s, arena, duration, duration_len);
+    pgt__put_statement(out, t, d->s, d->arena, duration, duration_len);
     PGT__LIT(out, ",\"event_id\":\"");
     pgt__put_event_id(out, f, t->seq);
     PGT__LIT(out, "\",\"time_iso\":\"");
@@ -1578,27 +1606,7 @@ pgt__emit_full(pgt_tracker *t, const pgt__stmt *s, const pgt__details_of *d, int
         PGT__LIT(out, "\",\"severity_id\":3");
     else
         PGT__LIT(out, "\",\"severity_id\":1");
-    if (d->failed && has_sqlstate) {
-        PGT__LIT(out, ",\"sqlstate\":\"");
-        pgt__put(out, arena + s->sqlstate.off, s->sqlstate.len);
-        out->data[out->len++] = '"';
-    } else {
-        pgt__put(out, f->absent[PGT__SQLSTATE], f->absent_len[PGT__SQLSTATE]);
-    }
-    if (d->failed && d->has_error) {
-        PGT__LIT(out, ",\"status_detail\":\"");
-        pgt__put(out, arena + s->error.off, s->error.len);
-        out->data[out->len++] = '"';
-    } else {
-        pgt__put(out, f->absent[PGT__STATUS_DETAIL], f->absent_len[PGT__STATUS_DETAIL]);
-    }
-    if (s->verdict != NULL) {
-        out->data[out->len++] = ',';
-        pgt__put(out, s->verdict->row, s->verdict->row_len);
-    } else {
-        pgt__put(out, f->absent[PGT__RULE], f->absent_len[PGT__RULE]);
-        pgt__put(out, f->absent[PGT__APPROVAL_ID], f->absent_len[PGT__APPROVAL_ID]);
-    }
+    pgt__put_outcome(out, d, f);
     if (details) { /* the object as a JSON string: its text is JSON already, so only " and \ need escaping */
         PGT__LIT(out, ",\"details\":\"");
         for (i = 0; i < f->details.len; i++) {
@@ -1631,7 +1639,7 @@ pgt__emit(pgt_tracker *t, const pgt__group *g, const pgt__stmt *s, pgt_buf *out)
     int failed = has_sqlstate || s->skipped || has_error;
     int details = s->parse_kind || s->params.off != PGT__NONE ||
                   (failed && (s->skipped || (has_error && s->error.len))) || (verdict != NULL && verdict->details_len);
-    pgt__details_of d = {s, arena, failed, has_error};
+    pgt__details_of d = {s, arena, failed, has_sqlstate, has_error};
 
     if (s->finished)
         duration_len = pgt__format_duration(duration, s->finished_mono, s->started_mono);
@@ -1641,7 +1649,7 @@ pgt__emit(pgt_tracker *t, const pgt__group *g, const pgt__stmt *s, pgt_buf *out)
            (s->params.off != PGT__NONE ? s->params.len : 0) + (has_sqlstate ? s->sqlstate.len : 0) +
            (has_error ? 2 * s->error.len : 0) + (verdict != NULL ? verdict->row_len + verdict->details_len : 0);
     if (t->full != NULL) {
-        if (pgt__emit_full(t, s, &d, has_sqlstate, details, time_ms, duration, duration_len, need, out) < 0)
+        if (pgt__emit_full(t, &d, details, time_ms, duration, duration_len, need, out) < 0)
             return -1;
     } else {
         if (pgt_buf_reserve(out, need) < 0)
@@ -1656,20 +1664,7 @@ pgt__emit(pgt_tracker *t, const pgt__group *g, const pgt__stmt *s, pgt_buf *out)
         pgt__put_statement(out, t, s, arena, duration, duration_len);
         PGT__LIT(out, ",\"tv\":");
         pgt__put_i64(out, t->template_version);
-        if (failed && has_sqlstate) {
-            PGT__LIT(out, ",\"sqlstate\":\"");
-            pgt__put(out, arena + s->sqlstate.off, s->sqlstate.len);
-            out->data[out->len++] = '"';
-        }
-        if (failed && has_error) {
-            PGT__LIT(out, ",\"status_detail\":\"");
-            pgt__put(out, arena + s->error.off, s->error.len);
-            out->data[out->len++] = '"';
-        }
-        if (verdict != NULL) {
-            out->data[out->len++] = ',';
-            pgt__put(out, verdict->row, verdict->row_len);
-        }
+        pgt__put_outcome(out, &d, NULL);
         if (details) {
             PGT__LIT(out, ",\"details\":");
             pgt__put_details(out, &d, 0);

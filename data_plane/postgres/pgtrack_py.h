@@ -64,6 +64,25 @@ bad:
     return -1;
 }
 
+/* pgt_new, writing full rows with `full_rows` (tracker.full_row_parts; None: compact rows); NULL
+ * with an exception set. */
+static inline pgt_tracker *
+pgtpy_tracker(int record_parameters, int64_t first_seq, int template_version, PyObject *full_rows)
+{
+    pgt_full *full;
+    pgt_tracker *t;
+    if (pgtpy_full(full_rows, &full) < 0)
+        return NULL;
+    t = pgt_new(record_parameters, first_seq, template_version);
+    if (t == NULL) {
+        pgt_full_free(full);
+        PyErr_NoMemory();
+        return NULL;
+    }
+    pgt_set_full(t, full);
+    return t;
+}
+
 /* The verdict's doc (bytes), or None. */
 static inline PyObject *
 pgtpy_verdict_doc(const pgt_verdict *v)
