@@ -320,6 +320,30 @@ def test_open_session_recording_ships_once_it_is_due(s3: Any, spool: Spool) -> N
     evidence.close({"ended_at": STARTED + 1})
 
 
+def test_a_live_recording_waits_its_delay_while_its_events_ship_every_round(
+        s3: Any, spool: Spool, monkeypatch: pytest.MonkeyPatch) -> None:
+    clock = [1_800_000_000.0]
+    monkeypatch.setattr("data_plane.shipper.time.time", lambda: clock[0])
+    evidence = open_session(spool)
+    sid = evidence.session_id
+    ship = shipper(s3, spool, max_delay=10)
+    for second in range(10):  # a round a second, each with a new event: the recording is not due yet
+        event_row(evidence, "query", second, statement=f"SELECT {second}")
+        record_some(evidence, count=2)
+        ship.ship_once()
+        assert len(shipped_rows(s3, sid)) == second + 1 and recording_keys(s3, sid) == [], second
+        clock[0] += 1
+    ship.ship_once()  # ten seconds after the shipper first saw it
+    assert len(verified_records(s3, sid)) == 20
+    record_some(evidence, count=2)
+    clock[0] += 9
+    ship.ship_once()
+    assert len(recording_keys(s3, sid)) == 1  # ten seconds from the last chunk
+    evidence.close({"ended_at": STARTED + 1})
+    ship.ship_once()  # a session's end ships the rest at once
+    assert len(verified_records(s3, sid)) == 22 and not evidence.directory.exists()
+
+
 def test_flush_ships_an_open_session_recording(s3: Any, spool: Spool) -> None:
     evidence = open_session(spool)
     record_some(evidence)
@@ -539,6 +563,27 @@ def test_the_c_and_python_full_row_runs_agree() -> None:
     assert _recording.full_row_runs(data) == _full_row_runs_py(data)
     runs, others = _full_row_runs_py(data)
     assert len(runs) == 8 and sum(count for *_, count in runs) + len(others) == len(lines)
+
+
+def test_full_row_runs_take_rows_lying_together_as_they_are() -> None:
+    assert _recording is not None
+
+    def row(i: int, statement: str = "SELECT 1", tail: str = "us-east-1") -> bytes:
+        # the rows' suffixes (the key's place from the end) are alike within a session, not across
+        return b'{"time":%d,"statement":%s,"gateway_region":"%s","session_id":"%s"}' % (
+            1_795_689_225_000 + i, orjson.dumps(statement), tail.encode(), b"s" * (i % 2 + 1))
+
+    session = b"".join(row(i, "SELECT " + "x" * i) + b"\n" for i in range(50))
+    runs, others = _recording.full_row_runs(session)
+    assert others == [] and len(runs) == 1 and runs[0][2] is session and runs[0][3] == 50
+    compact = b'{"seq":1,"activity_name":"connect","tv":1}\n'
+    for data in (compact + session, compact + session + compact, session + row(99, tail="eu-west-1"),
+                 session[:-1],  # the last line without its newline
+                 session + row(1, tail="eu-west-1") + b"\n" + session,  # two regions, interleaved
+                 b"".join(row(i, tail=f"r{i % 3}") + b"\n" for i in range(30))):
+        assert _recording.full_row_runs(data) == _full_row_runs_py(data)
+    runs, _ = _recording.full_row_runs(compact + session + compact)
+    assert runs[0][2] == session
 
 
 def test_event_times_format_like_isoformat_across_seconds_and_threads() -> None:

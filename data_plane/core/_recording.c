@@ -124,13 +124,18 @@ typedef struct {
     long long day, first;
     const char *region;
     size_t region_len, count;
+    size_t start, end; /* while its lines lie next to each other in the input: where they are */
+    int scattered;     /* …and once they do not, they are copied: */
     char *data;
     size_t len, cap;
 } run_t;
 
-/* A full row's line: `{"time":<digits>,` … `,"gateway_region":"<no quote, no backslash>"` … `}`. */
+/* A full row's line: `{"time":<digits>,` … `,"gateway_region":"<no quote, no backslash>"` … `}`.
+ * `back` is where the key was from the end of the last line: a session's rows end in the same
+ * template columns, so it is tried before a search. Either finds the key's only place: its quotes
+ * would be escaped inside a string, and a row holds no nested object. */
 static int
-full_row(const char *p, size_t n, long long *time_ms, const char **region, size_t *region_len)
+full_row(const char *p, size_t n, long long *time_ms, const char **region, size_t *region_len, size_t *back)
 {
     static const char key[] = ",\"gateway_region\":\"";
     size_t i = 8, klen = sizeof key - 1;
@@ -142,9 +147,14 @@ full_row(const char *p, size_t n, long long *time_ms, const char **region, size_
         t = t * 10 + (p[i++] - '0');
     if (i == 8 || i >= n || p[i] != ',')
         return 0;
-    at = memmem(p + i, n - i, key, klen);
-    if (at == NULL)
-        return 0;
+    if (*back > 0 && *back <= n - i && memcmp(p + n - *back, key, klen) == 0) {
+        at = p + n - *back;
+    } else {
+        at = memmem(p + i, n - i, key, klen);
+        if (at == NULL)
+            return 0;
+        *back = (size_t)(p + n - at);
+    }
     at += klen;
     end = memchr(at, '"', (size_t)(p + n - at));
     if (end == NULL || memchr(at, '\\', (size_t)(end - at)) != NULL)
@@ -175,50 +185,46 @@ run_append(run_t *r, const char *p, size_t n)
     return 0;
 }
 
-/* full_row_runs(lines: bytes) -> ([(first time ms, region, lines, count)], [other line, …]): the
- * full rows of whole lines grouped by day and region (each run's lines end in a newline), and every
- * other line, in order. */
-static PyObject *
-full_row_runs(PyObject *module, PyObject *arg)
+/* One pass over the lines: full rows into runs, other lines into `others`. With `copy` 0 a run only
+ * notes where its lines are, and is marked scattered when they do not follow one another; with
+ * `copy` 1 its lines are copied into its own buffer. -1 on failure (an exception is set). */
+static int
+scan_lines(const char *buf, size_t size, run_t *runs, size_t *nruns, PyObject *others, int copy)
 {
-    Py_buffer data;
-    run_t runs[RUNS_MAX];
-    size_t nruns = 0, pos = 0, i;
-    PyObject *others = NULL, *out = NULL, *list = NULL;
-    (void)module;
-    if (PyObject_GetBuffer(arg, &data, PyBUF_SIMPLE) < 0)
-        return NULL;
-    memset(runs, 0, sizeof runs);
-    others = PyList_New(0);
-    if (others == NULL)
-        goto done;
-    while (pos < (size_t)data.len) {
-        const char *p = (const char *)data.buf + pos, *nl = memchr(p, '\n', (size_t)data.len - pos);
-        size_t n = nl ? (size_t)(nl - p) : (size_t)data.len - pos, region_len;
+    size_t pos = 0, i, back = 0;
+    while (pos < size) {
+        const char *p = buf + pos, *nl = memchr(p, '\n', size - pos);
+        size_t n = nl ? (size_t)(nl - p) : size - pos, region_len;
         const char *region;
         long long t;
         run_t *r = NULL;
-        pos += n + 1;
-        if (full_row(p, n, &t, &region, &region_len)) {
+        if (full_row(p, n, &t, &region, &region_len, &back)) {
             long long day = t / DAY_MS;
-            for (i = 0; i < nruns; i++)
+            for (i = 0; i < *nruns; i++)
                 if (runs[i].day == day && runs[i].region_len == region_len &&
                     memcmp(runs[i].region, region, region_len) == 0) {
                     r = &runs[i];
                     break;
                 }
-            if (r == NULL && nruns < RUNS_MAX) {
-                r = &runs[nruns++];
+            if (r == NULL && *nruns < RUNS_MAX) {
+                r = &runs[(*nruns)++];
                 r->day = day;
                 r->first = t;
                 r->region = region;
                 r->region_len = region_len;
+                r->start = r->end = pos;
             }
         }
         if (r != NULL) {
-            if (run_append(r, p, n) < 0) {
-                PyErr_NoMemory();
-                goto done;
+            if (copy) {
+                if (run_append(r, p, n) < 0) {
+                    PyErr_NoMemory();
+                    return -1;
+                }
+            } else if (r->end == pos && nl != NULL) {
+                r->end = pos + n + 1;
+            } else {
+                r->scattered = 1; /* or its last line has no newline to take along */
             }
             r->count++;
             if (t < r->first)
@@ -227,17 +233,58 @@ full_row_runs(PyObject *module, PyObject *arg)
             PyObject *line = PyBytes_FromStringAndSize(p, (Py_ssize_t)n);
             if (line == NULL || PyList_Append(others, line) < 0) {
                 Py_XDECREF(line);
-                goto done;
+                return -1;
             }
             Py_DECREF(line);
         }
+        pos += n + 1;
+    }
+    return 0;
+}
+
+/* full_row_runs(lines: bytes) -> ([(first time ms, region, lines, count)], [other line, …]): the
+ * full rows of whole lines grouped by day and region (each run's lines end in a newline), and every
+ * other line, in order. A run whose lines lie together in the input (a session's C rows, nearly
+ * always) is a slice of it, or the input itself, rather than a copy line by line. */
+static PyObject *
+full_row_runs(PyObject *module, PyObject *arg)
+{
+    Py_buffer data;
+    run_t runs[RUNS_MAX];
+    size_t nruns = 0, i;
+    int copy;
+    PyObject *others = NULL, *out = NULL, *list = NULL;
+    (void)module;
+    if (PyObject_GetBuffer(arg, &data, PyBUF_SIMPLE) < 0)
+        return NULL;
+    memset(runs, 0, sizeof runs);
+    for (copy = 0; copy < 2; copy++) {
+        Py_XDECREF(others);
+        others = PyList_New(0);
+        if (others == NULL || scan_lines(data.buf, (size_t)data.len, runs, &nruns, others, copy) < 0)
+            goto done;
+        for (i = 0; i < nruns && !runs[i].scattered; i++)
+            ;
+        if (i == nruns)
+            break;
+        memset(runs, 0, sizeof runs);
+        nruns = 0;
     }
     list = PyList_New((Py_ssize_t)nruns);
     if (list == NULL)
         goto done;
     for (i = 0; i < nruns; i++) {
-        PyObject *item = Py_BuildValue("(Ly#y#n)", runs[i].first, runs[i].region, (Py_ssize_t)runs[i].region_len,
-                                       runs[i].data, (Py_ssize_t)runs[i].len, (Py_ssize_t)runs[i].count);
+        run_t *r = &runs[i];
+        PyObject *lines, *item;
+        if (copy)
+            lines = PyBytes_FromStringAndSize(r->data, (Py_ssize_t)r->len);
+        else if (r->start == 0 && r->end == (size_t)data.len && PyBytes_CheckExact(arg))
+            lines = Py_NewRef(arg);
+        else
+            lines = PyBytes_FromStringAndSize((const char *)data.buf + r->start, (Py_ssize_t)(r->end - r->start));
+        if (lines == NULL)
+            goto done;
+        item = Py_BuildValue("(Ly#Nn)", r->first, r->region, (Py_ssize_t)r->region_len, lines, (Py_ssize_t)r->count);
         if (item == NULL)
             goto done;
         PyList_SET_ITEM(list, (Py_ssize_t)i, item);
