@@ -104,7 +104,8 @@ class Gateway:
             [sys.executable, "-m", "data_plane.shipper", "--spool", self.config.spool_dir,
              "--recordings-bucket", self.config.recordings_bucket, "--evidence-bucket", self.config.evidence_bucket,
              "--region", self.config.region, "--s3-region", self.config.evidence_region or self.config.region,
-             "--interval", str(self.config.ship_interval_seconds)],
+             "--interval", str(self.config.ship_interval_seconds),
+             "--recording-delay", str(self.config.recording_ship_seconds)],
             stdin=subprocess.DEVNULL,
         )
 

@@ -43,7 +43,8 @@ class GatewayConfig:
     max_message_bytes: int = 128 << 20
     revocation_poll_seconds: float = 5.0
     drain_seconds: float = 30.0
-    ship_interval_seconds: float = 2.0
+    ship_interval_seconds: float = 2.0  # events ship every round…
+    recording_ship_seconds: float = 10.0  # …a live session's recording when a chunk fills or after this long
     fsync_interval_seconds: float = 1.0
     backend_ca_file: str | None = None
     # The tenant's key for keyed-hash masking (HMAC-SHA256): equal values hash alike on every task.

@@ -47,6 +47,9 @@ log = logging.getLogger("proctor.shipper")
 
 CHUNK_BYTES = 8 << 20
 MAX_READ = 64 << 20
+# A live session's recording waits for a full chunk or this long (its events ship every round): each
+# object costs a PUT, and a busy gateway's sessions would otherwise each cost one a round.
+RECORDING_DELAY = 10.0
 
 
 def _dt(ts: float) -> str:
@@ -107,9 +110,15 @@ def _trim_unwritten(directory: Path, progress: dict[str, Any]) -> None:
             continue
 
 
+def _save_progress(directory: Path, progress: dict[str, Any]) -> None:
+    """Replaced whole but not fsynced: a progress write lost to a machine crash only means shipping the
+    same objects to the same keys again (at least once), and the spool rarely outlives its machine."""
+    write_json_atomic(directory / "shipped.json", progress, sync=False, background=False)
+
+
 class Shipper:
     def __init__(self, s3: Any, spool_root: Path, *, recordings_bucket: str, evidence_bucket: str, region: str,
-                 chunk_bytes: int = CHUNK_BYTES, max_delay: float = 5.0) -> None:
+                 chunk_bytes: int = CHUNK_BYTES, max_delay: float = RECORDING_DELAY) -> None:
         self.s3 = s3
         self.root = spool_root
         self.recordings_bucket = recordings_bucket
@@ -142,7 +151,8 @@ class Shipper:
                 if state is None:
                     continue
                 meta, progress, closed = state
-                due = closed or flush or time.time() - float(progress["shipped_at"]) >= self.max_delay
+                waited = time.time() - float(progress.get("recording_shipped_at", progress["shipped_at"]))
+                due = closed or flush or waited >= self.max_delay
                 written += self._ship_recording(directory, meta, progress, due, closed)
                 end, count = self._read_events(directory, meta["session_id"], progress, events)
                 if count or end:
@@ -161,7 +171,7 @@ class Shipper:
             written += len(events.partitions)
         for directory, progress, end, _ in batch:
             progress.update(events_offset=int(progress["events_offset"]) + end, shipped_at=time.time())
-            write_json_atomic(directory / "shipped.json", progress)
+            _save_progress(directory, progress)
         for directory, meta, progress, closed in states:
             if not closed:
                 continue
@@ -182,7 +192,7 @@ class Shipper:
             return None
         progress = read_json(directory / "shipped.json") or {
             "recording_offset": 0, "chunk": 0, "events_offset": 0, "prev_hash": genesis(meta["session_id"]).hex(),
-            "shipped_at": time.time()}
+            "shipped_at": time.time(), "recording_shipped_at": time.time()}
         closed = (directory / "closed").exists()
         if not closed and meta.get("instance_id") != instance:
             _trim_unwritten(directory, progress)
@@ -224,9 +234,10 @@ class Shipper:
                                ContentType="application/vnd.proctor.recording", ContentEncoding="gzip",
                                Metadata={"session-id": meta["session_id"], "first-prev-hash": progress["prev_hash"],
                                          "last-hash": chunk[-32:].hex()})
+            now = time.time()
             progress.update(recording_offset=int(progress["recording_offset"]) + cut, chunk=int(progress["chunk"]) + 1,
-                            prev_hash=chunk[-32:].hex(), shipped_at=time.time())
-            write_json_atomic(directory / "shipped.json", progress)
+                            prev_hash=chunk[-32:].hex(), shipped_at=now, recording_shipped_at=now)
+            _save_progress(directory, progress)
             written += 1
 
     def _read_events(self, directory: Path, session_id: str, progress: dict[str, Any],
@@ -300,7 +311,7 @@ class Shipper:
         if torn and any(progress.get(k) != v for k, v in torn.items()):
             log.error("session %s ends with torn evidence: %s", directory.name, torn)
             progress.update(torn)
-            write_json_atomic(directory / "shipped.json", progress)
+            _save_progress(directory, progress)
 
     def _fully_shipped(self, directory: Path, progress: dict[str, Any]) -> bool:
         for name, key, torn in (("recording.bin", "recording_offset", "recording_torn_bytes"),
@@ -349,7 +360,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--evidence-bucket", required=True)
     parser.add_argument("--region", required=True, help="the gateway's region (the events' partition)")
     parser.add_argument("--s3-region", help="the buckets' region (default: --region)")
-    parser.add_argument("--interval", type=float, default=2.0)
+    parser.add_argument("--interval", type=float, default=2.0, help="seconds between rounds (events ship every round)")
+    parser.add_argument("--recording-delay", type=float, default=RECORDING_DELAY,
+                        help="the longest a live session's recording waits for a full chunk")
     parser.add_argument("--nice", type=int, default=10)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s shipper %(levelname)s %(message)s")
@@ -357,7 +370,7 @@ def main(argv: list[str] | None = None) -> None:
         os.nice(args.nice)
     shipper = Shipper(boto3.client("s3", region_name=args.s3_region or args.region), Path(args.spool),
                       recordings_bucket=args.recordings_bucket, evidence_bucket=args.evidence_bucket,
-                      region=args.region, max_delay=args.interval)
+                      region=args.region, max_delay=args.recording_delay)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())

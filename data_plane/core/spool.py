@@ -59,8 +59,9 @@ def _fsync_path(path: str) -> None:
         os.close(fd)
 
 
-def write_json_atomic(path: Path, doc: Mapping[str, Any], *, sync: bool = True) -> None:
-    """Replace `path` whole; `sync=False` leaves the file's fsync to the background thread."""
+def write_json_atomic(path: Path, doc: Mapping[str, Any], *, sync: bool = True, background: bool = True) -> None:
+    """Replace `path` whole; `sync=False` leaves the file's fsync to the background thread, or with
+    `background=False` to the kernel."""
     tmp = path.with_suffix(path.suffix + ".tmp")
     with open(tmp, "w") as fh:
         json.dump(doc, fh, sort_keys=True, default=str)
@@ -68,7 +69,7 @@ def write_json_atomic(path: Path, doc: Mapping[str, Any], *, sync: bool = True) 
         if sync:
             os.fsync(fh.fileno())
     tmp.replace(path)
-    if not sync:
+    if not sync and background:
         in_background(_fsync_path, str(path))
 
 
