@@ -798,11 +798,12 @@ def run_pgbench_suite(bench: Bench) -> None:
                            pgbench_tps(bench.endpoints[p], pr, c, t, duration))
 
 
-def attempt_rounds(bench: Bench, key: str, paths: tuple[str, ...], run: Callable[[str], Figure]) -> None:
-    """`--rounds` interleaved rounds over the paths, each round starting one path later (no path always runs
-    right after the same one), and the median of each path's runs: on shared cores one run of each path, in a
-    fixed order, measures the machine's mood as much as the path."""
-    rounds = bench.args.rounds
+def attempt_rounds(bench: Bench, key: str, paths: tuple[str, ...], run: Callable[[str], Figure], *,
+                   rounds: int | None = None, spread: str = "{:,.0f}") -> None:
+    """`--rounds` (or `rounds`) interleaved rounds over the paths, each round starting one path later (no path
+    always runs right after the same one), and the median of each path's runs: on shared cores one run of each
+    path, in a fixed order, measures the machine's mood as much as the path."""
+    rounds = bench.args.rounds if rounds is None else rounds
     runs: dict[str, list[Figure]] = {path: [] for path in paths}
     errors: dict[str, str] = {}
     for number in range(rounds):
@@ -825,9 +826,11 @@ def attempt_rounds(bench: Bench, key: str, paths: tuple[str, ...], run: Callable
         else:
             ordered = sorted(runs[path], key=lambda f: f.value or 0.0)
             middle = ordered[(len(ordered) - 1) // 2]
-            spread = ", ".join(f"{f.value:,.0f}" for f in runs[path])
-            bench.record(key, path, Figure(middle.value, note=f"median of {len(ordered)} interleaved runs "
-                                                                f"({spread}); median run: {middle.note}"))
+            values = ", ".join(spread.format(f.value) for f in runs[path])
+            note = f"median of {len(ordered)} interleaved runs ({values})"
+            if middle.note:
+                note += f"; median run: {middle.note}"
+            bench.record(key, path, Figure(middle.value, note=note))
 
 
 def run_transfer_suite(bench: Bench) -> None:
@@ -835,9 +838,17 @@ def run_transfer_suite(bench: Bench) -> None:
     with contextlib.suppress(RuntimeError, subprocess.TimeoutExpired):  # page cache warm-up, not recorded
         psql_wall_times(bench.endpoints["direct"], SELECT_SQL, 1)
     for name, sql in (("select", SELECT_SQL), ("copy", COPY_SQL)):
+        # Interleaved rounds, each run after the gateways went quiet: run after run of one path would measure
+        # the next run beside the previous one's shipping (a 1M-row session's recording is ~100 MB to verify,
+        # compress and upload), and the machine's mood of the moment as much as the path.
+        attempt_rounds(bench, f"{name}-wall", suite_paths("transfer"),
+                       lambda p, s=sql: Figure(psql_wall_times(bench.endpoints[p], s, 1)[0]),
+                       rounds=bench.args.repeat, spread="{:.2f} s")
         for path in suite_paths("transfer"):
-            attempt(bench, [f"{name}-wall", f"{name}-mbps"], path, lambda p=path, s=sql, n=name:
-                    transfer_figures(bench.endpoints[p], s, bench.args.repeat, bench.payload_bytes[n]))
+            wall = bench.results[f"{name}-wall"][path]
+            bench.record(f"{name}-mbps", path, wall if wall.value is None else
+                         Figure(bench.payload_bytes[name] / 1e6 / wall.value))
+
 
 
 def masking_problem(bench: Bench) -> str | None:
@@ -1085,9 +1096,11 @@ def parameters(bench: Bench) -> list[str]:
          "parse, per statement); with `--protocol=prepared` each session sends one Parse and then only "
          "Bind/Execute"),
         ("transfer", f"1M-row SELECT: `psql -X -q -A -t -o /dev/null -c \"{SELECT_SQL}\"`, median of {a.repeat} "
-         f"runs, wall time of the psql process (its connect included); MB/s = {payload.get('select', 0):,} bytes "
+         "interleaved rounds over the paths (each round starting one path later, each run once the gateways and moto "
+         "are quiet, as for pgbench), wall time of the psql process (its connect included); "
+         f"MB/s = {payload.get('select', 0):,} bytes "
          f"of DataRow messages ({payload.get('rows', 0):,} rows) / wall time, 1 MB = 10⁶ bytes"),
-        ("transfer", f"COPY OUT: `psql -X -q -A -t -o /dev/null -c \"{COPY_SQL}\"`, median of {a.repeat} runs; "
+        ("transfer", f"COPY OUT: `psql -X -q -A -t -o /dev/null -c \"{COPY_SQL}\"`, the same way; "
          f"MB/s = {payload.get('copy', 0):,} bytes of CopyData messages / wall time"),
         ("masking", f"masked SELECT: `{PEOPLE_SQL}` over `{PEOPLE_TABLE}` ({PEOPLE_ROWS:,} rows: `id int`, `email` "
          f"'user<i>@example.com', `card_number` '{TEST_CARD}', `note` 'note <i>'; created with CREATE TABLE AS "
