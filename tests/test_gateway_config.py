@@ -60,8 +60,8 @@ def test_every_setting_is_read_from_its_variable_with_its_type() -> None:
         evidence_bucket="ev-bucket", spool_dir="/var/spool/proctor", pg_listen="127.0.0.1:15432",
         admin_listen=":19090", tls_cert="/etc/proctor/cert.pem", tls_key="/etc/proctor/key.pem",
         pg_require_tls=False, max_message_bytes=1048576, revocation_poll_seconds=0.5, drain_seconds=12.0,
-        ship_interval_seconds=2.5, recording_ship_seconds=30.0, fsync_interval_seconds=0.25, backend_ca_file="/etc/ssl/rds.pem",
-        backend_connect_timeout=3.0, run_shipper=False)
+        ship_interval_seconds=2.5, recording_ship_seconds=30.0, fsync_interval_seconds=0.25,
+        backend_ca_file="/etc/ssl/rds.pem", backend_connect_timeout=3.0, run_shipper=False)
     assert type(config.max_message_bytes) is int
     assert type(config.drain_seconds) is float
     assert config.pg_address == ("127.0.0.1", 15432)
