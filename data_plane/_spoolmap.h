@@ -30,6 +30,7 @@
 #define SPOOLMAP_FIRST_WINDOW ((size_t)64 << 10)
 #define SPOOLMAP_MAX_WINDOW ((size_t)1 << 20)
 #define SPOOLMAP_COPY_MAX ((size_t)4 << 10) /* larger writes go through pwritev(2) */
+#define SPOOLMAP_POPULATE ((uint64_t)32 << 10)
 
 typedef struct {
     int fd;              /* the spool's descriptor (write-only, appending) */
@@ -39,6 +40,9 @@ typedef struct {
     size_t base_len;
     uint64_t end;        /* bytes in the file that hold data */
     uint64_t allocated;  /* the file's size: end plus zeros not written yet */
+    uint64_t populated;  /* up to here the window's pages were made writable ahead of the copies */
+    int busy;            /* a first window was filled: pages are made writable ahead (see spoolmap_copy) */
+    uint64_t page;       /* the page size */
     size_t window;       /* the next window's size */
     int started;         /* end was read from the file (the first write) */
     int unmappable;      /* fallocate, mmap or the reopen is not supported here: plain appends */
@@ -52,6 +56,7 @@ spoolmap_init(spoolmap *m, int fd)
     m->fd = fd;
     m->map_fd = -1;
     m->window = SPOOLMAP_FIRST_WINDOW;
+    m->page = (uint64_t)sysconf(_SC_PAGESIZE);
 }
 
 static int
@@ -90,8 +95,7 @@ spoolmap_unmappable(spoolmap *m)
 static int
 spoolmap_remap(spoolmap *m, size_t n)
 {
-    long page = sysconf(_SC_PAGESIZE);
-    uint64_t off = m->end & ~(uint64_t)(page - 1);
+    uint64_t off = m->end & ~(m->page - 1);
     size_t len = m->window;
     void *p;
     while (len < (m->end - off) + n)
@@ -99,6 +103,7 @@ spoolmap_remap(spoolmap *m, size_t n)
     if (m->base != NULL) {
         munmap(m->base, m->base_len);
         m->base = NULL;
+        m->busy = 1;
     }
     if (off + len > m->allocated) {
         int rc;
@@ -120,6 +125,7 @@ spoolmap_remap(spoolmap *m, size_t n)
     m->base = p;
     m->base_off = off;
     m->base_len = len;
+    m->populated = m->busy ? off : off + len;
     if (m->window < SPOOLMAP_MAX_WINDOW)
         m->window *= 2;
     return 0;
@@ -138,6 +144,21 @@ spoolmap_copy(spoolmap *m, const struct iovec *iov, int count, size_t total)
             return m->unmappable ? 0 : -1;
     }
     p = m->base + (m->end - m->base_off);
+#ifdef MADV_POPULATE_WRITE
+    if (m->end + total > m->populated) {
+        /* The first store into each page of a window faults (the page is allocated and made writable);
+         * one call makes the next pages writable for less. Only in a busy session's windows: an idle
+         * one's would hold pages it may never fill. */
+        uint64_t to = (m->end + total + SPOOLMAP_POPULATE - 1) & ~(SPOOLMAP_POPULATE - 1);
+        uint64_t from = m->populated > (m->end & ~(m->page - 1)) ? m->populated : (m->end & ~(m->page - 1));
+        if (to > m->base_off + m->base_len)
+            to = m->base_off + m->base_len;
+        if (madvise(m->base + (from - m->base_off), (size_t)(to - from), MADV_POPULATE_WRITE) == 0)
+            m->populated = to;
+        else
+            m->populated = m->base_off + m->base_len; /* not here (older kernels): the page faults will do */
+    }
+#endif
     at = iov[0].iov_len;
     for (i = 1; i < count; i++) {
         memcpy(p + at, iov[i].iov_base, iov[i].iov_len);

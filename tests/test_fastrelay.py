@@ -188,6 +188,34 @@ def test_the_spool_is_written_in_place_then_cut_back_for_python_to_append_to(har
     assert [row["seq"] for row in harness.events()] == [2, 3]
 
 
+def test_a_busy_session_s_spool_windows_verify_whole_while_live_and_after(harness: Harness) -> None:
+    """Past its first window a session's mapped pages are made writable ahead of the copies (and
+    records over 4 KiB are written, not copied, between them): what a reader sees while it is live
+    is whole records and lines up to zeros, and all of it once the session ends."""
+    sent = []
+    for i in range(900):
+        query = m.query(f"SELECT {i}, '{'x' * (i % 50)}'")
+        harness.client.sendall(query)
+        recv_exactly(harness.server, len(query))
+        result = answer("SELECT 1", b"y" * (6000 if i % 100 == 99 else i % 70))
+        harness.server.sendall(result)
+        recv_exactly(harness.client, len(result))
+        sent += [query, result]
+    recording = (harness.tmp / "recording.bin").read_bytes()
+    written = sum(22 + len(p) + 32 for p in sent)
+    assert written > 256 << 10 and verified_prefix(recording, genesis(SESSION))[0] == written
+    assert not recording[written:].strip(b"\0")
+    events = harness.events_path.read_bytes().rstrip(b"\0")
+    assert events.endswith(b"\n") and len(events.splitlines()) == 900
+    harness.client.sendall(m.terminate())
+    harness.client.shutdown(socket.SHUT_WR)
+    (kind, _, _, state), = harness.completions()
+    assert kind == "done" and (harness.tmp / "recording.bin").stat().st_size == state["recording_bytes"]
+    records = harness.records(state)
+    assert [r.payload for r in records[:-1]] == sent and records[-1].payload == m.terminate()
+    assert [row["seq"] for row in harness.events()] == list(range(2, 902))
+
+
 def test_an_fsync_asked_for_every_record_leaves_no_descriptor_behind(tmp_path: Path) -> None:
     """fsync_interval 0: every record asks for an fsync, which the engine's syncer thread does on a
     duplicate of the descriptor and closes; the relay goes on meanwhile."""
