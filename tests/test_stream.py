@@ -214,7 +214,9 @@ def test_peek_waits_out_a_silent_peer_and_sees_one_that_leaves_without_a_word(lo
         fds = len(os.listdir("/proc/self/fd"))
         with pytest.raises(TimeoutError):
             await asyncio.wait_for(stream.peek(), 0.2)
-        assert len(os.listdir("/proc/self/fd")) == fds  # the watcher closed with the wait
+        # the watcher closed with the wait (other threads of the test process, a relay engine's syncer from an
+        # earlier test, may close descriptors meanwhile: a leak is a count that grew)
+        assert len(os.listdir("/proc/self/fd")) <= fds
         peek = asyncio.ensure_future(stream.peek())
         await asyncio.sleep(0.05)
         client.close()
