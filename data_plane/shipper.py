@@ -113,19 +113,19 @@ def _trim_unwritten(directory: Path, progress: dict[str, Any]) -> None:
 def _save_progress(directory: Path, progress: dict[str, Any]) -> None:
     """Replaced whole but not fsynced: a progress write lost to a machine crash only means shipping the
     same objects to the same keys again (at least once), and the spool rarely outlives its machine."""
-    write_json_atomic(directory / "shipped.json", progress, sync=False, background=False)
+    write_json_atomic(directory / "shipped.json", progress, fsync="never")
 
 
 class Shipper:
     def __init__(self, s3: Any, spool_root: Path, *, recordings_bucket: str, evidence_bucket: str, region: str,
-                 chunk_bytes: int = CHUNK_BYTES, max_delay: float = RECORDING_DELAY) -> None:
+                 chunk_bytes: int = CHUNK_BYTES, recording_delay: float = RECORDING_DELAY) -> None:
         self.s3 = s3
         self.root = spool_root
         self.recordings_bucket = recordings_bucket
         self.evidence_bucket = evidence_bucket
         self.region = region
         self.chunk_bytes = chunk_bytes
-        self.max_delay = max_delay
+        self.recording_delay = recording_delay
 
     def current_instance(self) -> str | None:
         doc = read_json(self.root / "instance")
@@ -152,7 +152,7 @@ class Shipper:
                     continue
                 meta, progress, closed = state
                 waited = time.time() - float(progress.get("recording_shipped_at", progress["shipped_at"]))
-                due = closed or flush or waited >= self.max_delay
+                due = closed or flush or waited >= self.recording_delay
                 written += self._ship_recording(directory, meta, progress, due, closed)
                 end, count = self._read_events(directory, meta["session_id"], progress, events)
                 if count or end:
@@ -190,9 +190,10 @@ class Shipper:
         meta = read_json(directory / "meta.json")
         if meta is None:
             return None
+        now = time.time()
         progress = read_json(directory / "shipped.json") or {
             "recording_offset": 0, "chunk": 0, "events_offset": 0, "prev_hash": genesis(meta["session_id"]).hex(),
-            "shipped_at": time.time(), "recording_shipped_at": time.time()}
+            "shipped_at": now, "recording_shipped_at": now}
         closed = (directory / "closed").exists()
         if not closed and meta.get("instance_id") != instance:
             _trim_unwritten(directory, progress)
@@ -370,7 +371,7 @@ def main(argv: list[str] | None = None) -> None:
         os.nice(args.nice)
     shipper = Shipper(boto3.client("s3", region_name=args.s3_region or args.region), Path(args.spool),
                       recordings_bucket=args.recordings_bucket, evidence_bucket=args.evidence_bucket,
-                      region=args.region, max_delay=args.recording_delay)
+                      region=args.region, recording_delay=args.recording_delay)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())

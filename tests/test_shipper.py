@@ -266,7 +266,7 @@ def test_a_later_chunk_does_not_verify_without_its_predecessor(s3: Any, spool: S
 def test_open_session_ships_full_chunks_and_keeps_the_rest_until_due(s3: Any, spool: Spool) -> None:
     evidence = open_session(spool)
     payloads = record_some(evidence, count=20, size=100)  # ~3 KB: two full 1 KB chunks and a remainder
-    ship = shipper(s3, spool, chunk_bytes=1024, max_delay=3600)
+    ship = shipper(s3, spool, chunk_bytes=1024, recording_delay=3600)
     ship.ship_once()
     sid = evidence.session_id
     early = recording_keys(s3, sid)
@@ -292,7 +292,7 @@ def test_open_session_ships_its_events_but_stays_in_the_spool(s3: Any, spool: Sp
     sid = evidence.session_id
     first = [event_row(evidence, "connect", 1), event_row(evidence, "query", 2, statement="SELECT 1")]
     record_some(evidence)
-    ship = shipper(s3, spool, max_delay=3600)
+    ship = shipper(s3, spool, recording_delay=3600)
 
     assert ship.ship_once() == 1
     assert shipped_rows(s3, sid) == json.loads(json.dumps(first))
@@ -314,7 +314,7 @@ def test_open_session_ships_its_events_but_stays_in_the_spool(s3: Any, spool: Sp
 def test_open_session_recording_ships_once_it_is_due(s3: Any, spool: Spool) -> None:
     evidence = open_session(spool)
     record_some(evidence)
-    assert shipper(s3, spool, max_delay=0).ship_once() == 1
+    assert shipper(s3, spool, recording_delay=0).ship_once() == 1
     assert len(verified_records(s3, evidence.session_id)) == 3
     assert evidence.directory.exists()
     evidence.close({"ended_at": STARTED + 1})
@@ -326,7 +326,7 @@ def test_a_live_recording_waits_its_delay_while_its_events_ship_every_round(
     monkeypatch.setattr("data_plane.shipper.time.time", lambda: clock[0])
     evidence = open_session(spool)
     sid = evidence.session_id
-    ship = shipper(s3, spool, max_delay=10)
+    ship = shipper(s3, spool, recording_delay=10)
     for second in range(10):  # a round a second, each with a new event: the recording is not due yet
         event_row(evidence, "query", second, statement=f"SELECT {second}")
         record_some(evidence, count=2)
@@ -347,7 +347,7 @@ def test_a_live_recording_waits_its_delay_while_its_events_ship_every_round(
 def test_flush_ships_an_open_session_recording(s3: Any, spool: Spool) -> None:
     evidence = open_session(spool)
     record_some(evidence)
-    shipper(s3, spool, max_delay=3600).ship_once(flush=True)
+    shipper(s3, spool, recording_delay=3600).ship_once(flush=True)
     assert len(verified_records(s3, evidence.session_id)) == 3
     assert evidence.directory.exists()
     evidence.close({"ended_at": STARTED + 1})
@@ -365,7 +365,7 @@ def test_session_of_a_previous_gateway_instance_is_closed_as_failed_and_shipped(
     assert restarted.instance_id != old.instance_id
 
     # The chunk, the events (two date partitions: the disconnect is dated when it was noticed), the index.
-    assert shipper(s3, restarted, max_delay=3600).ship_once() == 4
+    assert shipper(s3, restarted, recording_delay=3600).ship_once() == 4
 
     rows = shipped_rows(s3, sid)
     assert rows[0] == json.loads(json.dumps(connect))
@@ -385,7 +385,7 @@ def test_session_of_a_previous_gateway_instance_is_closed_as_failed_and_shipped(
 def test_open_session_of_the_current_instance_is_not_treated_as_orphaned(s3: Any, spool: Spool) -> None:
     evidence = open_session(spool)
     event_row(evidence, "connect", 1)
-    shipper(s3, spool, max_delay=3600).ship_once()
+    shipper(s3, spool, recording_delay=3600).ship_once()
     assert [r["activity_name"] for r in shipped_rows(s3, evidence.session_id)] == ["connect"]
     assert not (evidence.directory / "closed").exists()
     evidence.close({"ended_at": STARTED + 1})
@@ -426,7 +426,7 @@ def test_retry_after_lost_progress_rewrites_the_same_keys(s3: Any, spool: Spool)
     evidence = open_session(spool)
     event_row(evidence, "connect", 1)
     record_some(evidence)
-    ship = shipper(s3, spool, max_delay=0)
+    ship = shipper(s3, spool, recording_delay=0)
     ship.ship_once()
     sid = evidence.session_id
     before = (recording_keys(s3, sid), event_keys(s3, sid))
@@ -491,7 +491,7 @@ def test_a_live_session_written_in_place_ships_what_is_whole_and_waits_for_the_r
         fh.write(bytes(22) + b"Q\x00\x00\x00\rSELECT 1\x00" + bytes(4096))
     with open(evidence.directory / "events.jsonl", "ab") as fh:
         fh.write(b'{"activity_name":"qu' + bytes(4096))
-    shipper(s3, spool, max_delay=0).ship_once()
+    shipper(s3, spool, recording_delay=0).ship_once()
     assert [r.payload for r in verified_records(s3, evidence.session_id)] == payloads
     assert shipped_rows(s3, evidence.session_id) == [json.loads(json.dumps(connect))]
     assert evidence.directory.exists()
@@ -508,7 +508,7 @@ def test_an_orphan_whose_files_end_in_unwritten_zeros_is_cut_back_and_ships_whol
         with open(evidence.directory / name, "ab") as fh:
             fh.write(bytes(1 << 16))
     restarted = Spool(tmp_path / "spool", fsync_interval=3600)
-    assert shipper(s3, restarted, max_delay=3600).ship_once() == 4
+    assert shipper(s3, restarted, recording_delay=3600).ship_once() == 4
     rows = shipped_rows(s3, evidence.session_id)
     assert rows[0] == json.loads(json.dumps(connect)) and len(rows) == 2
     assert rows[1]["activity_name"] == "disconnect"

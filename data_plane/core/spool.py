@@ -23,7 +23,7 @@ import uuid
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import orjson
 
@@ -59,17 +59,18 @@ def _fsync_path(path: str) -> None:
         os.close(fd)
 
 
-def write_json_atomic(path: Path, doc: Mapping[str, Any], *, sync: bool = True, background: bool = True) -> None:
-    """Replace `path` whole; `sync=False` leaves the file's fsync to the background thread, or with
-    `background=False` to the kernel."""
+def write_json_atomic(path: Path, doc: Mapping[str, Any], *, fsync: Literal["now", "background", "never"] = "now",
+                      ) -> None:
+    """Replace `path` whole, and fsync it before returning, on the background thread, or never (the
+    kernel writes it back when it will)."""
     tmp = path.with_suffix(path.suffix + ".tmp")
     with open(tmp, "w") as fh:
         json.dump(doc, fh, sort_keys=True, default=str)
         fh.flush()
-        if sync:
+        if fsync == "now":
             os.fsync(fh.fileno())
     tmp.replace(path)
-    if not sync and background:
+    if fsync == "background":
         in_background(_fsync_path, str(path))
 
 
@@ -86,7 +87,7 @@ class Spool:
         directory = self.sessions_dir / session_id
         directory.mkdir(mode=0o700)
         write_json_atomic(directory / "meta.json", dict(meta, session_id=session_id, instance_id=self.instance_id),
-                          sync=False)
+                          fsync="background")
         return SessionEvidence(directory, session_id, fsync_interval=self.fsync_interval)
 
     def backlog_bytes(self) -> int:
@@ -135,7 +136,7 @@ class SessionEvidence:
 
     def write_template(self, version: int, doc: Mapping[str, Any]) -> None:
         """The fields this session's compact events share (see contract.EventTemplate)."""
-        write_json_atomic(self.directory / f"template-{version}.json", doc, sync=False)
+        write_json_atomic(self.directory / f"template-{version}.json", doc, fsync="background")
 
     def add_event(self, row: Mapping[str, Any]) -> None:
         os.write(self._events_fd, orjson.dumps(row, default=str, option=orjson.OPT_APPEND_NEWLINE))
