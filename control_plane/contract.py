@@ -427,6 +427,35 @@ def event_partition(row: Mapping[str, Any]) -> tuple[str, str]:
     return partition_of(int(row["time"]), str(row.get("gateway_region") or "global"))
 
 
+# The columns the C data path's statement rows (pgtrack.h) set themselves, and, in pgt_full's order,
+# those they may set.
+C_ROW_SETS = frozenset({"time", "activity_name", "status", "statement", "command_tag", "rows", "bytes",
+                        "duration_ms", "seq", "event_id", "time_iso", "severity_id"})
+C_ROW_MAY_SET = ("sqlstate", "status_detail", "rule", "approval_id", "details")
+
+
+def c_row_parts(template: EventTemplate) -> tuple[bytes, tuple[bytes, ...]]:
+    """What the C data path's statement rows of a session leave out and take from `template`: the
+    `,"column":value` members of every column they do not set (the same in every row: the shipper
+    splices them in place of a row's closing `,"tv":N`), and those of each column they may set, for
+    rows without it (the C tracker writes these)."""
+    return template.fixed_parts("query", C_ROW_SETS, C_ROW_MAY_SET)
+
+
+def c_row_key(line: bytes) -> tuple[int, int, int] | None:
+    """(time, template version, where its closing `,"tv":` starts) of a statement row's JSON line as the
+    C data path writes it (pgtrack.h: `time` first, `,"tv":<version>` last, the template's members left
+    to the shipper), read without parsing it; None for any other line (Python's compact rows start with
+    `activity_name`)."""
+    comma = line.find(b",", 8)
+    if comma < 0 or not line.startswith(b'{"time":') or not line.endswith(b"}") or not line[8:comma].isdigit():
+        return None
+    at = line.rfind(b',"tv":')
+    if at < comma or not line[at + 6:-1].isdigit():
+        return None
+    return int(line[8:comma]), int(line[at + 6:-1]), at
+
+
 def full_row_key(line: bytes) -> tuple[int, bytes] | None:
     """(time, region) of a full row's JSON line as the C data path writes it (pgtrack.h: `time`
     first, a plain `gateway_region`), read without parsing it; None for any other line. The spool

@@ -18,6 +18,7 @@ import shutil
 import signal
 import threading
 import time
+from collections.abc import Mapping
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,8 @@ from control_plane.contract import (
     STATUS_FAILURE,
     EventBatch,
     EventTemplate,
+    c_row_key,
+    c_row_parts,
     encode_jsonl_gz,
     evidence_event,
     full_row_key,
@@ -60,13 +63,22 @@ def _iso(ts: float | None) -> str | None:
     return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds") if ts else None
 
 
-def _full_row_runs_py(lines: bytes) -> tuple[list[tuple[int, bytes, bytes, int]], list[bytes]]:
-    """The twin of `_recording.full_row_runs`: the full rows among `lines` grouped by day and region
-    (at most 8 groups), as (earliest time, region, their lines, count), and the other lines."""
+def _full_row_runs_py(lines: bytes, rests: Mapping[int, bytes] | None = None,
+                      ) -> tuple[list[tuple[int, bytes, bytes, int]], list[bytes]]:
+    """The twin of `_recording.full_row_runs`: the full rows among `lines`, and the C rows whose template
+    version `rests` has members for (completed with them: `c_row_parts`), grouped by day and region (at
+    most 8 groups), as (earliest time, region, their lines, count), and the other lines."""
     runs: dict[tuple[int, bytes], list[Any]] = {}
     others: list[bytes] = []
+    tails: dict[int, tuple[bytes, bytes] | None] = {}
     for line in lines.splitlines():
-        key = full_row_key(line)
+        c_key = c_row_key(line) if rests else None
+        tail = None if c_key is None else tails.setdefault(c_key[1], _tail(rests, c_key[1]))
+        if c_key is not None and tail is not None:
+            key: tuple[int, bytes] | None = (c_key[0], tail[1])
+            line = line[:c_key[2]] + tail[0] + b"}"
+        else:
+            key = full_row_key(line)
         group = None if key is None else (key[0] // DAY_MS, key[1])
         if key is None or (group not in runs and len(runs) == 8):
             others.append(line)
@@ -76,6 +88,13 @@ def _full_row_runs_py(lines: bytes) -> tuple[list[tuple[int, bytes, bytes, int]]
         run[2].append(line + b"\n")
         run[3] += 1
     return [(first, region, b"".join(found), count) for first, region, found, count in runs.values()], others
+
+
+def _tail(rests: Mapping[int, bytes] | None, version: int) -> tuple[bytes, bytes] | None:
+    """Template `version`'s members and the plain region among them, or None (as full_row_key reads it)."""
+    rest = None if rests is None else rests.get(version)
+    key = None if rest is None else full_row_key(b'{"time":0' + rest + b"}")
+    return None if key is None or rest is None else (rest, key[1])
 
 
 full_row_runs = _recording.full_row_runs if _recording is not None else _full_row_runs_py
@@ -262,9 +281,11 @@ class Shipper:
         end = data.rfind(b"\n") + 1
         if end == 0:
             return 0, 0
-        templates: dict[int, EventTemplate] = {}
+        templates = self._templates(directory)
+        rests = {version: c_row_parts(template)[0] for version, template in templates.items()}
         rows: list[tuple[EventTemplate | None, dict[str, Any]]] = []  # compact rows (small) and their template
-        runs, others = full_row_runs(data[:end])  # full rows: the C data path's, shipped as they are
+        # The C data path's rows, completed with their template's members (or whole, from older gateways).
+        runs, others = full_row_runs(data[:end], rests)
         for line in others:
             try:
                 row = orjson.loads(line)
@@ -276,11 +297,8 @@ class Shipper:
             if "class_uid" not in row:  # a compact row: expanded with the session's template below
                 version = int(row.pop("tv"))
                 template = templates.get(version)
-                if template is None:
-                    doc = read_json(directory / f"template-{version}.json")
-                    if doc is None:
-                        raise FileNotFoundError(f"{session_id}: event template {version} missing")
-                    template = templates[version] = EventTemplate.from_doc(doc)
+                if template is None:  # written before any row of it: the files were read after the rows
+                    raise FileNotFoundError(f"{session_id}: event template {version} missing")
             rows.append((template, row))
         added = 0
         for first_time, region, lines, count in runs:
@@ -292,6 +310,17 @@ class Shipper:
             else:
                 events.add(*template.expand_line(row, session_event_id(session_id, int(row["seq"]))))
         return end, added + len(rows)
+
+    @staticmethod
+    def _templates(directory: Path) -> dict[int, EventTemplate]:
+        """The session's event templates by version (template-<version>.json)."""
+        templates = {}
+        for path in directory.glob("template-*.json"):
+            version = path.stem.removeprefix("template-")
+            doc = read_json(path) if version.isdigit() else None
+            if doc is not None:
+                templates[int(version)] = EventTemplate.from_doc(doc)
+        return templates
 
     def _note_torn_tails(self, directory: Path, progress: dict[str, Any]) -> None:
         """A closed session's files may end in a partial record or line (disk full, machine crash):

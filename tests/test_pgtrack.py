@@ -17,8 +17,9 @@ import pytest
 from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 
-from control_plane.contract import EventTemplate, session_event_id
+from control_plane.contract import EventTemplate, c_row_parts, session_event_id
 from data_plane.core.guardrails import ALLOW, LOG, Verdict
+from data_plane.core.recording import _recording
 from data_plane.core.redact import might_hold_secret, redact_statement
 from data_plane.core.session import SessionInfo, Statement
 from data_plane.postgres import messages as m
@@ -32,6 +33,7 @@ from data_plane.postgres.tracker import (
     full_row_parts,
     verdict_fields,
 )
+from data_plane.shipper import _full_row_runs_py
 
 pgtrack = pytest.importorskip("data_plane.postgres._pgtrack")
 
@@ -181,7 +183,8 @@ class Session:
                                 record_parameters=record_parameters,
                                 on_template=lambda version, doc: templates.append(orjson.loads(orjson.dumps(doc))))
         self.info._write_template()
-        self.template = EventTemplate.from_doc(templates[-1])  # as the shipper reads it back
+        self.templates = templates  # by version - 1, as the shipper reads them back
+        self.template = EventTemplate.from_doc(templates[-1])
         self.record_parameters = record_parameters
         self.py = StatementTracker(self.statement_done, record_parameters=record_parameters)
         self.full_rows = bytearray()
@@ -360,18 +363,32 @@ class Session:
         assert self.c.since_tag() == self.py._since_tag
 
     def check_full_rows(self) -> None:
-        """The C tracker's full rows (the C data path's) are what the shipper makes of its compact ones."""
-        compact_lines, full_lines = bytes(self.c_rows).splitlines(), bytes(self.full_rows).splitlines()
-        assert len(full_lines) == len(compact_lines)
-        for compact_line, full_line in zip(compact_lines, full_lines, strict=True):
+        """The C tracker's full-row mode (the C data path's rows), completed as the shipper completes them
+        (C and Python), is what the shipper makes of its compact rows."""
+        compact_lines, c_lines = bytes(self.c_rows).splitlines(), bytes(self.full_rows).splitlines()
+        assert len(c_lines) == len(compact_lines)
+        assert all(line.startswith(b'{"time":') and re.search(rb',"tv":\d+}$', line) for line in c_lines)
+        templates = {version: EventTemplate.from_doc(doc) for version, doc in enumerate(self.templates, 1)}
+        rests = {version: c_row_parts(template)[0] for version, template in templates.items()}
+        completed = shipper_runs(bytes(self.full_rows), rests)
+        assert completed == shipper_runs(bytes(self.full_rows), rests, python=True)
+        assert len(completed) == len(compact_lines)
+        for compact_line in compact_lines:
             compact = orjson.loads(compact_line)
-            del compact["tv"]
-            _, line = self.template.expand_line(compact, session_event_id(self.info.session_id, compact["seq"]))
-            assert full_line.startswith(b'{"time":')
-            assert orjson.loads(full_line) == orjson.loads(line)
+            template = templates[compact.pop("tv")]
+            _, line = template.expand_line(compact, session_event_id(self.info.session_id, compact["seq"]))
+            assert completed[compact["seq"]] == orjson.loads(line)
 
     def rows(self) -> list[dict]:
         return [orjson.loads(line) for line in bytes(self.py_rows).splitlines()]
+
+
+def shipper_runs(lines: bytes, rests: dict[int, bytes], *, python: bool = False) -> dict[int, dict]:
+    """The rows `full_row_runs` (the shipper's, C or its Python twin) makes of `lines`, by seq: all of them."""
+    runs, others = (_full_row_runs_py if python else _recording.full_row_runs)(lines, rests)
+    assert others == []
+    rows = [orjson.loads(line) for *_, found, _ in runs for line in found.splitlines()]
+    return {row["seq"]: row for row in rows}
 
 
 class _WithFullRows:

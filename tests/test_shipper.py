@@ -22,15 +22,20 @@ from botocore.exceptions import ClientError
 from moto import mock_aws
 
 from control_plane.contract import (
+    C_ROW_MAY_SET,
+    C_ROW_SETS,
     CLASS_DATASTORE_ACTIVITY,
     SESSION_COLUMNS,
     STATUS_FAILURE,
+    EventTemplate,
     GzipLines,
+    c_row_parts,
     decode_jsonl_gz,
     evidence_event,
     gzip_member,
     iso_millis,
     recording_chunk_key,
+    session_event_id,
     session_index_key,
 )
 from data_plane.core.recording import FROM_CLIENT, FROM_SERVER, META, ChainBroken, _recording, genesis, read_records
@@ -553,6 +558,37 @@ def test_full_rows_of_the_c_data_path_ship_as_written_by_day(s3: Any, spool: Spo
     assert {key.split("/")[1] for key in keys} == {"dt=2025-03-04", "dt=2025-03-05"}
 
 
+def c_line(row: dict[str, Any], version: int) -> bytes:
+    """A statement row as the C data path writes it (pgtrack.h): `time` first, the columns it sets and
+    those it may set, then `,"tv":<version>}` where the shipper puts the template's other members."""
+    mine = {"time": row["time"]} | {k: v for k, v in row.items() if k in C_ROW_SETS or k in C_ROW_MAY_SET}
+    return orjson.dumps(mine)[:-1] + b',"tv":%d}' % version
+
+
+def test_c_rows_ship_completed_with_their_session_s_template(s3: Any, spool: Spool) -> None:
+    """The C data path's statement rows leave the template's members to the shipper, which takes them from
+    the template file their `tv` names; what ships is the row Python's expansion makes."""
+    evidence = open_session(spool)
+    expected = [event_row(evidence, "connect", 1)]
+    for version, run_id in ((1, "run-1"), (2, "run-2")):  # a second grant mid-session: a second template
+        template = EventTemplate((CLASS_DATASTORE_ACTIVITY[0], CLASS_DATASTORE_ACTIVITY[1]), region=REGION,
+                                 session_id=evidence.session_id, src_ip=CLIENT_IP, pipeline_run_id=run_id)
+        evidence.write_template(version, template.to_doc())
+        for seconds in (30, 61):  # two days
+            seq = len(expected) + 1
+            compact = EventTemplate.compact("query", now=STARTED + seconds, statement=f"SELECT {seq}", seq=seq,
+                                            details={"parameters": ["a\"b"]} if seq % 2 else None)
+            row, _ = template.expand_line(compact, session_event_id(evidence.session_id, seq))
+            os.write(evidence.events_fd, c_line(row, version) + b"\n")
+            expected.append(row)
+    evidence.close({"ended_at": STARTED + 91})
+    shipper(s3, spool).ship_once()
+    shipped = sorted(shipped_rows(s3, evidence.session_id), key=lambda r: r["seq"] or 0)
+    assert shipped == json.loads(json.dumps(sorted(expected, key=lambda r: r["seq"] or 0)))
+    assert {r["pipeline_run_id"] for r in shipped if r["activity_name"] == "query"} == {"run-1", "run-2"}
+    assert {key.split("/")[1] for key in event_keys(s3, evidence.session_id)} == {"dt=2025-03-04", "dt=2025-03-05"}
+
+
 def test_the_c_and_python_full_row_runs_agree() -> None:
     lines = [orjson.dumps({"time": 86_400_000 * (i % 3) + i, "gateway_region": f"r{i % 4}", "x": "}"})
              for i in range(40)]
@@ -563,6 +599,26 @@ def test_the_c_and_python_full_row_runs_agree() -> None:
     assert _recording.full_row_runs(data) == _full_row_runs_py(data)
     runs, others = _full_row_runs_py(data)
     assert len(runs) == 8 and sum(count for *_, count in runs) + len(others) == len(lines)
+
+
+def test_the_c_and_python_completions_of_c_rows_agree() -> None:
+    assert _recording is not None
+    template = EventTemplate((CLASS_DATASTORE_ACTIVITY[0], CLASS_DATASTORE_ACTIVITY[1]), region="eu-west-1")
+    rests = {1: c_row_parts(template)[0], 2: b',"gateway_region":"us-east-1","x":1', 3: b',"gateway_region":null',
+             4: b',"gateway_region":"a\\"b"'}
+    lines = [b'{"time":%d,"seq":%d,"statement":"x\\"}","tv":%d}' % (86_400_000 * (i % 2) + i, i, i % 6)
+             for i in range(30)]  # versions 0 and 5 have no members: other lines, as 3 and 4 (no plain region)
+    lines += [b'{"time":5,"tv":1}', b'{"time":5,"tv":}', b'{"time":5,"tv":1x}', b'{"time":5,"x":"tv":1}',
+              b'{"time":5,"tv":%d}' % (10**19), b'{"time":5,"tv":01}', b'{"activity_name":"q","time":5,"tv":1}',
+              b'{"time":5,"tv":2', b"", orjson.dumps({"time": 9, "gateway_region": "r"})]
+    for data in (b"\n".join(lines) + b"\n", b"\n".join(lines)):
+        for given in (rests, {}, None):
+            assert _recording.full_row_runs(data, given) == _full_row_runs_py(data, given)
+    runs, others = _recording.full_row_runs(b"\n".join(lines) + b"\n", rests)
+    completed = [orjson.loads(line) for *_, found, _ in runs for line in found.splitlines()]
+    assert sum(1 for row in completed if row.get("gateway_region") == "eu-west-1") == 5 + 2  # tv 1 and 01
+    assert all("tv" not in row for row in completed)
+    assert len(completed) + len(others) == len(lines)
 
 
 def test_full_row_runs_take_rows_lying_together_as_they_are() -> None:

@@ -2,7 +2,8 @@
  * recording._append_py (same bytes, same hash; tests compare them). Every chunk the gateway
  * relays goes through it, twice per round trip, so it is worth a few hundred nanoseconds. The
  * shipper's two loops over a spool live here too: the records of a live session whose links verify,
- * and the C data path's full evidence rows by partition (each with a Python twin). */
+ * and the C data path's evidence rows by partition, completed with their template's members (each
+ * with a Python twin). */
 #define _GNU_SOURCE /* memmem */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -165,13 +166,16 @@ full_row(const char *p, size_t n, long long *time_ms, const char **region, size_
     return 1;
 }
 
+/* Appends the line `p[0..n)`, with `splice` (`splice_len` bytes) and a closing brace after it when
+ * `splice` is not NULL, and a newline. */
 static int
-run_append(run_t *r, const char *p, size_t n)
+run_append(run_t *r, const char *p, size_t n, const char *splice, size_t splice_len)
 {
-    if (r->len + n + 1 > r->cap) {
+    size_t need = n + (splice ? splice_len + 1 : 0) + 1;
+    if (r->len + need > r->cap) {
         size_t cap = r->cap ? r->cap : 1 << 16;
         char *data;
-        while (cap < r->len + n + 1)
+        while (cap < r->len + need)
             cap *= 2;
         data = realloc(r->data, cap);
         if (data == NULL)
@@ -180,25 +184,117 @@ run_append(run_t *r, const char *p, size_t n)
         r->cap = cap;
     }
     memcpy(r->data + r->len, p, n);
-    r->data[r->len + n] = '\n';
-    r->len += n + 1;
+    r->len += n;
+    if (splice != NULL) {
+        memcpy(r->data + r->len, splice, splice_len);
+        r->len += splice_len;
+        r->data[r->len++] = '}';
+    }
+    r->data[r->len++] = '\n';
     return 0;
 }
 
-/* One pass over the lines: full rows into runs, other lines into `others`. With `copy` 0 a run only
- * notes where its lines are, and is marked scattered when they do not follow one another; with
- * `copy` 1 its lines are copied into its own buffer. -1 on failure (an exception is set). */
+/* A template's members, as the shipper passed them (rests: {version: bytes}), and its region. */
+typedef struct {
+    long long version;
+    const char *rest, *region;
+    size_t rest_len, region_len;
+} tail_t;
+
+/* The C data path's statement row (contract.c_row_key): `{"time":<digits>,` … `,"tv":<digits>}`.
+ * *cut: where `,"tv":` starts; *version: its digits. */
 static int
-scan_lines(const char *buf, size_t size, run_t *runs, size_t *nruns, PyObject *others, int copy)
+c_row(const char *p, size_t n, long long *time_ms, long long *version, size_t *cut)
 {
-    size_t pos = 0, i, back = 0;
+    size_t i = 8, digits, at;
+    long long t = 0, v = 0;
+    if (n < 16 || memcmp(p, "{\"time\":", 8) != 0 || p[n - 1] != '}')
+        return 0;
+    while (i < n && p[i] >= '0' && p[i] <= '9' && i < 26)
+        t = t * 10 + (p[i++] - '0');
+    if (i == 8 || i >= n || p[i] != ',')
+        return 0;
+    digits = n - 1; /* the version's first digit */
+    while (digits > i && p[digits - 1] >= '0' && p[digits - 1] <= '9')
+        digits--;
+    if (digits == n - 1 || n - 1 - digits > 18 || digits < i + 6 || memcmp(p + digits - 6, ",\"tv\":", 6) != 0)
+        return 0;
+    for (at = digits; at < n - 1; at++)
+        v = v * 10 + (p[at] - '0');
+    *time_ms = t;
+    *version = v;
+    *cut = digits - 6;
+    return 1;
+}
+
+#define TAILS_MAX 8
+
+/* The members of template `version` from `rests`, and the region among them (`,"gateway_region":"…"`),
+ * remembered in `tails`: NULL when `rests` has none for it, or they name no plain region. */
+static const tail_t *
+tail_of(PyObject *rests, tail_t *tails, size_t *ntails, long long version)
+{
+    static const char key[] = ",\"gateway_region\":\"";
+    size_t i, klen = sizeof key - 1;
+    PyObject *number, *rest;
+    const char *at, *end, *p;
+    Py_ssize_t n;
+    for (i = 0; i < *ntails; i++)
+        if (tails[i].version == version)
+            return tails[i].rest ? &tails[i] : NULL;
+    if (rests == NULL || *ntails == TAILS_MAX || (number = PyLong_FromLongLong(version)) == NULL) {
+        PyErr_Clear();
+        return NULL;
+    }
+    rest = PyDict_GetItemWithError(rests, number); /* borrowed; the dict keeps it for the call */
+    Py_DECREF(number);
+    tails[*ntails].version = version;
+    tails[*ntails].rest = NULL;
+    if (rest == NULL || !PyBytes_Check(rest)) {
+        PyErr_Clear();
+        (*ntails)++;
+        return NULL;
+    }
+    p = PyBytes_AS_STRING(rest);
+    n = PyBytes_GET_SIZE(rest);
+    at = memmem(p, (size_t)n, key, klen);
+    end = at ? memchr(at + klen, '"', (size_t)(p + n - at - klen)) : NULL;
+    if (end == NULL || memchr(at + klen, '\\', (size_t)(end - at - klen)) != NULL) {
+        (*ntails)++;
+        return NULL;
+    }
+    tails[*ntails].rest = p;
+    tails[*ntails].rest_len = (size_t)n;
+    tails[*ntails].region = at + klen;
+    tails[*ntails].region_len = (size_t)(end - at - klen);
+    return &tails[(*ntails)++];
+}
+
+/* One pass over the lines: full rows, and C rows with their template's members, into runs, other
+ * lines into `others`. With `copy` 0 a run only notes where its lines are, and is marked scattered
+ * when they do not follow one another or hold C rows (which are completed, so copied); with `copy` 1
+ * its lines are copied into its own buffer. -1 on failure (an exception is set). */
+static int
+scan_lines(const char *buf, size_t size, PyObject *rests, run_t *runs, size_t *nruns, PyObject *others, int copy)
+{
+    size_t pos = 0, i, back = 0, ntails = 0;
+    tail_t tails[TAILS_MAX];
     while (pos < size) {
         const char *p = buf + pos, *nl = memchr(p, '\n', size - pos);
-        size_t n = nl ? (size_t)(nl - p) : size - pos, region_len;
-        const char *region;
-        long long t;
+        size_t n = nl ? (size_t)(nl - p) : size - pos, region_len, cut = n;
+        const char *region = NULL;
+        const tail_t *tail = NULL;
+        long long t, version;
         run_t *r = NULL;
-        if (full_row(p, n, &t, &region, &region_len, &back)) {
+        if (rests != NULL && c_row(p, n, &t, &version, &cut) && (tail = tail_of(rests, tails, &ntails, version))) {
+            region = tail->region;
+            region_len = tail->region_len;
+        } else if (full_row(p, n, &t, &region, &region_len, &back)) {
+            cut = n;
+        } else {
+            region = NULL;
+        }
+        if (region != NULL) {
             long long day = t / DAY_MS;
             for (i = 0; i < *nruns; i++)
                 if (runs[i].day == day && runs[i].region_len == region_len &&
@@ -217,14 +313,14 @@ scan_lines(const char *buf, size_t size, run_t *runs, size_t *nruns, PyObject *o
         }
         if (r != NULL) {
             if (copy) {
-                if (run_append(r, p, n) < 0) {
+                if (run_append(r, p, cut, tail ? tail->rest : NULL, tail ? tail->rest_len : 0) < 0) {
                     PyErr_NoMemory();
                     return -1;
                 }
-            } else if (r->end == pos && nl != NULL) {
+            } else if (r->end == pos && nl != NULL && tail == NULL) {
                 r->end = pos + n + 1;
             } else {
-                r->scattered = 1; /* or its last line has no newline to take along */
+                r->scattered = 1; /* or its last line has no newline to take along, or it is completed */
             }
             r->count++;
             if (t < r->first)
@@ -242,26 +338,38 @@ scan_lines(const char *buf, size_t size, run_t *runs, size_t *nruns, PyObject *o
     return 0;
 }
 
-/* full_row_runs(lines: bytes) -> ([(first time ms, region, lines, count)], [other line, …]): the
- * full rows of whole lines grouped by day and region (each run's lines end in a newline), and every
- * other line, in order. A run whose lines lie together in the input (a session's C rows, nearly
- * always) is a slice of it, or the input itself, rather than a copy line by line. */
+/* full_row_runs(lines: bytes, rests: {version: bytes} | None = None) -> ([(first time ms, region, lines,
+ * count)], [other line, …]): the full rows of whole lines, and the C rows whose template version
+ * `rests` has members for (completed with them), grouped by day and region (each run's lines end in
+ * a newline), and every other line, in order. A run of full rows that lie together in the input is a
+ * slice of it, or the input itself, rather than a copy line by line. */
 static PyObject *
-full_row_runs(PyObject *module, PyObject *arg)
+full_row_runs(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
     Py_buffer data;
     run_t runs[RUNS_MAX];
     size_t nruns = 0, i;
     int copy;
-    PyObject *others = NULL, *out = NULL, *list = NULL;
+    PyObject *others = NULL, *out = NULL, *list = NULL, *rests = NULL;
     (void)module;
-    if (PyObject_GetBuffer(arg, &data, PyBUF_SIMPLE) < 0)
+    if (nargs < 1 || nargs > 2) {
+        PyErr_SetString(PyExc_TypeError, "full_row_runs(lines, rests=None)");
+        return NULL;
+    }
+    if (nargs == 2 && args[1] != Py_None) {
+        if (!PyDict_Check(args[1])) {
+            PyErr_SetString(PyExc_TypeError, "full_row_runs: rests must be a dict {template version: bytes}");
+            return NULL;
+        }
+        rests = PyDict_GET_SIZE(args[1]) ? args[1] : NULL;
+    }
+    if (PyObject_GetBuffer(args[0], &data, PyBUF_SIMPLE) < 0)
         return NULL;
     memset(runs, 0, sizeof runs);
-    for (copy = 0; copy < 2; copy++) {
+    for (copy = rests != NULL; copy < 2; copy++) { /* C rows are always copied: skip the first pass */
         Py_XDECREF(others);
         others = PyList_New(0);
-        if (others == NULL || scan_lines(data.buf, (size_t)data.len, runs, &nruns, others, copy) < 0)
+        if (others == NULL || scan_lines(data.buf, (size_t)data.len, rests, runs, &nruns, others, copy) < 0)
             goto done;
         for (i = 0; i < nruns && !runs[i].scattered; i++)
             ;
@@ -278,8 +386,8 @@ full_row_runs(PyObject *module, PyObject *arg)
         PyObject *lines, *item;
         if (copy)
             lines = PyBytes_FromStringAndSize(r->data, (Py_ssize_t)r->len);
-        else if (r->start == 0 && r->end == (size_t)data.len && PyBytes_CheckExact(arg))
-            lines = Py_NewRef(arg);
+        else if (r->start == 0 && r->end == (size_t)data.len && PyBytes_CheckExact(args[0]))
+            lines = Py_NewRef(args[0]);
         else
             lines = PyBytes_FromStringAndSize((const char *)data.buf + r->start, (Py_ssize_t)(r->end - r->start));
         if (lines == NULL)
@@ -314,8 +422,9 @@ static PyMethodDef methods[] = {
      "append(fd, prev_hash, seq, time, direction, kind, payload) -> hash: write one record"},
     {"verified_prefix", (PyCFunction)(void (*)(void))verified_prefix, METH_FASTCALL,
      "verified_prefix(data, prev_hash) -> (end, last_hash): the whole records at the start whose links verify"},
-    {"full_row_runs", full_row_runs, METH_O,
-     "full_row_runs(lines) -> ([(first time, region, lines, count)], [other line]): full evidence rows by partition"},
+    {"full_row_runs", (PyCFunction)(void (*)(void))full_row_runs, METH_FASTCALL,
+     "full_row_runs(lines, rests=None) -> ([(first time, region, lines, count)], [other line]): full evidence "
+     "rows, and C rows completed with their template's members, by partition"},
     {"_set_sha_path", set_sha_path, METH_O, "Use the SHA extensions when true and available (tests compare both)."},
     {NULL, NULL, 0, NULL},
 };

@@ -843,18 +843,18 @@ typedef struct { /* (statement name, m.Bind): the Bind body is kept and decoded 
 
 enum { PGT__NO_GROUP, PGT__IN_FIFO, PGT__DETACHED };
 
-/* What turns a statement row into the full evidence row the shipper would make of it
- * (EventTemplate.expand): the session's template rendered once (tracker.full_row_parts), so that
- * the C data path writes rows the shipper only compresses. The optional members are the ones a
- * row may or may not set itself: sqlstate, status_detail, rule, approval_id, details. */
+/* What turns a statement row into the evidence row the shipper ships (EventTemplate.expand), but for
+ * the template's members, which are the same in every row of the session: the session's template
+ * rendered once (tracker.full_row_parts), so that the C data path writes rows the shipper only
+ * completes (it splices the template's `,"column":value` members, contract.c_row_parts, in place of
+ * the closing `,"tv":N`) and compresses. The optional members are the ones a row may or may not set
+ * itself: sqlstate, status_detail, rule, approval_id, details. */
 #define PGT_OPTIONAL_MEMBERS 5
 enum { PGT__SQLSTATE, PGT__STATUS_DETAIL, PGT__RULE, PGT__APPROVAL_ID, PGT__DETAILS };
 
 typedef struct {
     char *session_id; /* event ids: session_event_id(session_id, seq) */
     size_t session_id_len;
-    char *rest; /* `,"column":value` of every column a statement row does not set */
-    size_t rest_len;
     char *absent[PGT_OPTIONAL_MEMBERS]; /* `,"column":value` from the template, for a row without it */
     size_t absent_len[PGT_OPTIONAL_MEMBERS];
     int64_t iso_second; /* the last whole second formatted, as iso_millis caches it */
@@ -864,10 +864,10 @@ typedef struct {
 
 /* A copy of the parts; NULL when out of memory. */
 static inline pgt_full *
-pgt_full_new(const char *session_id, size_t session_id_len, const char *rest, size_t rest_len,
-             const char *const absent[PGT_OPTIONAL_MEMBERS], const size_t absent_len[PGT_OPTIONAL_MEMBERS])
+pgt_full_new(const char *session_id, size_t session_id_len, const char *const absent[PGT_OPTIONAL_MEMBERS],
+             const size_t absent_len[PGT_OPTIONAL_MEMBERS])
 {
-    size_t total = session_id_len + rest_len, i;
+    size_t total = session_id_len, i;
     pgt_full *f;
     char *p;
     for (i = 0; i < PGT_OPTIONAL_MEMBERS; i++)
@@ -880,10 +880,6 @@ pgt_full_new(const char *session_id, size_t session_id_len, const char *rest, si
     f->session_id_len = session_id_len;
     memcpy(p, session_id, session_id_len);
     p += session_id_len;
-    f->rest = p;
-    f->rest_len = rest_len;
-    memcpy(p, rest, rest_len);
-    p += rest_len;
     for (i = 0; i < PGT_OPTIONAL_MEMBERS; i++) {
         f->absent[i] = p;
         f->absent_len[i] = absent_len[i];
@@ -1572,13 +1568,14 @@ pgt__put_iso(pgt_buf *out, pgt_full *f, int64_t ms)
     PGT__LIT(out, "+00:00");
 }
 
-/* The full row (EventTemplate.expand of the compact one): `time` first, where the shipper reads it. */
+/* The row as the shipper ships it but for the template's members (EventTemplate.expand of the compact
+ * one): `time` first and `,"tv":N}` last, where the shipper reads them. */
 static inline int
 pgt__emit_full(pgt_tracker *t, const pgt__details_of *d, int details, int64_t time_ms, const char *duration,
                size_t duration_len, size_t need, pgt_buf *out)
 {
     pgt_full *f = t->full;
-    size_t i, extra = need + f->rest_len + 160;
+    size_t i, extra = need + 160;
     if (details) {
         f->details.len = 0;
         if (pgt_buf_reserve(&f->details, need) < 0)
@@ -1619,7 +1616,8 @@ pgt__emit_full(pgt_tracker *t, const pgt__details_of *d, int details, int64_t ti
     } else {
         pgt__put(out, f->absent[PGT__DETAILS], f->absent_len[PGT__DETAILS]);
     }
-    pgt__put(out, f->rest, f->rest_len);
+    PGT__LIT(out, ",\"tv\":"); /* where the shipper puts the template's members */
+    pgt__put_i64(out, t->template_version);
     PGT__LIT(out, "}\n");
     return 0;
 }

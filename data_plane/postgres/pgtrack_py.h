@@ -29,20 +29,20 @@ pgtpy_verdict(PyObject *obj, pgt_verdict **out)
     return 0;
 }
 
-/* None, or the (session_id, rest, absent) of tracker.full_row_parts (bytes, bytes, 5 bytes): *out is
+/* None, or the (session_id, absent) of tracker.full_row_parts (bytes, 5 bytes): *out is
  * NULL or a new pgt_full. 0, or -1 with an exception set. */
 static inline int
 pgtpy_full(PyObject *obj, pgt_full **out)
 {
-    PyObject *sid, *rest, *absent;
+    PyObject *sid, *absent;
     const char *parts[PGT_OPTIONAL_MEMBERS];
     size_t lens[PGT_OPTIONAL_MEMBERS];
     int i;
     *out = NULL;
     if (obj == Py_None)
         return 0;
-    if (!PyTuple_Check(obj) || PyTuple_GET_SIZE(obj) != 3 || !PyBytes_Check(sid = PyTuple_GET_ITEM(obj, 0)) ||
-        !PyBytes_Check(rest = PyTuple_GET_ITEM(obj, 1)) || !PyTuple_Check(absent = PyTuple_GET_ITEM(obj, 2)) ||
+    if (!PyTuple_Check(obj) || PyTuple_GET_SIZE(obj) != 2 || !PyBytes_Check(sid = PyTuple_GET_ITEM(obj, 0)) ||
+        !PyTuple_Check(absent = PyTuple_GET_ITEM(obj, 1)) ||
         PyTuple_GET_SIZE(absent) != PGT_OPTIONAL_MEMBERS)
         goto bad;
     for (i = 0; i < PGT_OPTIONAL_MEMBERS; i++) {
@@ -52,15 +52,14 @@ pgtpy_full(PyObject *obj, pgt_full **out)
         parts[i] = PyBytes_AS_STRING(part);
         lens[i] = (size_t)PyBytes_GET_SIZE(part);
     }
-    *out = pgt_full_new(PyBytes_AS_STRING(sid), (size_t)PyBytes_GET_SIZE(sid), PyBytes_AS_STRING(rest),
-                        (size_t)PyBytes_GET_SIZE(rest), parts, lens);
+    *out = pgt_full_new(PyBytes_AS_STRING(sid), (size_t)PyBytes_GET_SIZE(sid), parts, lens);
     if (*out == NULL) {
         PyErr_NoMemory();
         return -1;
     }
     return 0;
 bad:
-    PyErr_SetString(PyExc_TypeError, "full rows: None or (session_id, rest, absent) from tracker.full_row_parts");
+    PyErr_SetString(PyExc_TypeError, "full rows: None or (session_id, absent) from tracker.full_row_parts");
     return -1;
 }
 

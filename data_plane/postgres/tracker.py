@@ -12,7 +12,7 @@ from typing import Any
 
 import orjson
 
-from control_plane.contract import EventTemplate
+from control_plane.contract import EventTemplate, c_row_parts
 from data_plane.core.guardrails import Verdict
 from data_plane.core.redact import might_hold_secret, redact_conninfo, redact_statement
 from data_plane.core.session import Statement
@@ -347,18 +347,11 @@ def verdict_fields(verdict: Verdict) -> tuple[bytes, bytes, bytes]:
     return row, details, orjson.dumps(dataclasses.asdict(verdict))
 
 
-# The columns pgtrack.h's full statement rows set themselves, and (in pgt_full's order) those they may set.
-FULL_ROW_SETS = frozenset({"time", "activity_name", "status", "statement", "command_tag", "rows", "bytes",
-                           "duration_ms", "seq", "event_id", "time_iso", "severity_id"})
-FULL_ROW_MAY_SET = ("sqlstate", "status_detail", "rule", "approval_id", "details")
-
-
-def full_row_parts(template: EventTemplate, session_id: str) -> tuple[bytes, bytes, tuple[bytes, ...]]:
-    """What the C tracker needs to write a session's statement rows whole, as the shipper would expand
-    them with `template` (pgtrack.h's pgt_full): the session id (event ids), the members of every
-    column a statement row does not set, and those of each column it may set, for rows without it."""
-    rest, absent = template.fixed_parts("query", FULL_ROW_SETS, FULL_ROW_MAY_SET)
-    return session_id.encode(), rest, absent
+def full_row_parts(template: EventTemplate, session_id: str) -> tuple[bytes, tuple[bytes, ...]]:
+    """What the C tracker needs to write a session's statement rows as the shipper ships them but for
+    the template's members (pgtrack.h's pgt_full): the session id (event ids), and the members of each
+    column a row may set, for rows without it (contract.c_row_parts)."""
+    return session_id.encode(), c_row_parts(template)[1]
 
 
 def _verdict(doc: bytes | None) -> Verdict | None:
