@@ -417,3 +417,29 @@ def test_terminate_sends_the_final_message_records_it_and_ends(harness: Harness)
     assert recv_exactly(harness.server, 5) == m.terminate()  # the backend hears Terminate
     records = harness.records(state)
     assert [(r.direction, r.payload) for r in records] == [(FROM_GATEWAY, fatal)]
+
+
+def batch_threads() -> set[int]:
+    """This process's threads under SCHED_BATCH."""
+    found = set()
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            if os.sched_getscheduler(int(tid)) == os.SCHED_BATCH:
+                found.add(int(tid))
+        except OSError:  # a thread that ended meanwhile
+            continue
+    return found
+
+
+@pytest.mark.parametrize("batch", [True, False])
+def test_relay_threads_run_under_sched_batch_when_asked(batch: bool) -> None:
+    """Woken by a peer's bytes, a SCHED_BATCH relay thread does not preempt the running task (the default
+    of the gateway, fast_path_batch_scheduling); the engine's other threads and Python's keep their policy."""
+    before = batch_threads()
+    engine = _fastrelay.Engine(workers=2, batch=batch)
+    deadline = time.monotonic() + 5
+    while batch and len(batch_threads() - before) < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)  # the threads set their policy as they start
+    assert len(batch_threads() - before) == (2 if batch else 0)
+    assert os.sched_getscheduler(0) == os.SCHED_OTHER
+    del engine

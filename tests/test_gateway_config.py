@@ -53,6 +53,8 @@ def test_every_setting_is_read_from_its_variable_with_its_type() -> None:
                PROCTOR_BACKEND_CA_FILE="/etc/ssl/rds.pem",
                PROCTOR_BACKEND_CONNECT_TIMEOUT="3",
                PROCTOR_RUN_SHIPPER="0",
+               PROCTOR_FAST_PATH_WORKERS="3",
+               PROCTOR_FAST_PATH_BATCH_SCHEDULING="false",
                UNRELATED="ignored")
     config = GatewayConfig.from_env(env)
     assert config == GatewayConfig(
@@ -61,7 +63,8 @@ def test_every_setting_is_read_from_its_variable_with_its_type() -> None:
         admin_listen=":19090", tls_cert="/etc/proctor/cert.pem", tls_key="/etc/proctor/key.pem",
         pg_require_tls=False, max_message_bytes=1048576, revocation_poll_seconds=0.5, drain_seconds=12.0,
         ship_interval_seconds=2.5, recording_ship_seconds=30.0, fsync_interval_seconds=0.25,
-        backend_ca_file="/etc/ssl/rds.pem", backend_connect_timeout=3.0, run_shipper=False)
+        backend_ca_file="/etc/ssl/rds.pem", backend_connect_timeout=3.0, run_shipper=False, fast_path_workers=3,
+        fast_path_batch_scheduling=False)
     assert type(config.max_message_bytes) is int
     assert type(config.drain_seconds) is float
     assert config.pg_address == ("127.0.0.1", 15432)

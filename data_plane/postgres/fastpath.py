@@ -104,9 +104,9 @@ class _Side:
 class FastPath:
     """The C data path of one event loop."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, workers: int) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, workers: int, *, batch: bool = False) -> None:
         assert _fastrelay is not None
-        self.engine = _fastrelay.Engine(workers=workers)
+        self.engine = _fastrelay.Engine(workers=workers, batch=batch)
         self.relays: dict[int, tuple[Relay, _Side, _Side]] = {}
         loop.add_reader(self.engine.fileno(), self._completions)
         stats = self.engine.stats
@@ -240,15 +240,15 @@ def guard_shapes(guard: StatementGuard) -> Any:
 _PATHS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, FastPath] = weakref.WeakKeyDictionary()
 
 
-def for_loop(workers: int = 0) -> FastPath | None:
+def for_loop(workers: int = 0, *, batch: bool = False) -> FastPath | None:
     """The running loop's C data path (started with `workers` relay threads, 0: one per CPU this
-    process may run on); None where it is unavailable."""
+    process may run on; under SCHED_BATCH with `batch`); None where it is unavailable."""
     if not AVAILABLE:
         return None
     loop = asyncio.get_running_loop()
     path = _PATHS.get(loop)
     if path is None:
-        path = _PATHS[loop] = FastPath(loop, workers or max(1, min(8, len(os.sched_getaffinity(0)))))
+        path = _PATHS[loop] = FastPath(loop, workers or max(1, min(8, len(os.sched_getaffinity(0)))), batch=batch)
     return path
 
 

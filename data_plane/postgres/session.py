@@ -574,7 +574,8 @@ class Relay:
         for transport in (self.client, self.server):
             transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
         if self.masker is None and self.pending_terminate is None and self.session.ctx.config.fast_path:
-            fast = fastpath.for_loop(self.session.ctx.config.fast_path_workers)
+            config = self.session.ctx.config
+            fast = fastpath.for_loop(config.fast_path_workers, batch=config.fast_path_batch_scheduling)
             if fast is not None and fast.take(self, client, backend):
                 await self.done
                 return
