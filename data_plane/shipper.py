@@ -94,7 +94,7 @@ def _tail(rests: Mapping[int, bytes] | None, version: int) -> tuple[bytes, bytes
     """Template `version`'s members and the plain region among them, or None (as full_row_key reads it)."""
     rest = None if rests is None else rests.get(version)
     key = None if rest is None else full_row_key(b'{"time":0' + rest + b"}")
-    return None if key is None or rest is None else (rest, key[1])
+    return None if key is None else (rest, key[1])
 
 
 full_row_runs = _recording.full_row_runs if _recording is not None else _full_row_runs_py

@@ -131,6 +131,23 @@ typedef struct {
     size_t len, cap;
 } run_t;
 
+/* The time of a line that opens with `{"time":<digits>,` and ends in `}`: the index of that comma, 0 for
+ * any other line (a full row's and a C row's opening, contract.full_row_key and c_row_key). */
+static size_t
+row_time(const char *p, size_t n, long long *time_ms)
+{
+    size_t i = 8;
+    long long t = 0;
+    if (n < 10 || memcmp(p, "{\"time\":", 8) != 0 || p[n - 1] != '}')
+        return 0;
+    while (i < n && p[i] >= '0' && p[i] <= '9' && i < 26)
+        t = t * 10 + (p[i++] - '0');
+    if (i == 8 || i >= n || p[i] != ',')
+        return 0;
+    *time_ms = t;
+    return i;
+}
+
 /* A full row's line: `{"time":<digits>,` … `,"gateway_region":"<no quote, no backslash>"` … `}`.
  * `back` is where the key was from the end of the last line: a session's rows end in the same
  * template columns, so it is tried before a search. Either finds the key's only place: its quotes
@@ -139,14 +156,10 @@ static int
 full_row(const char *p, size_t n, long long *time_ms, const char **region, size_t *region_len, size_t *back)
 {
     static const char key[] = ",\"gateway_region\":\"";
-    size_t i = 8, klen = sizeof key - 1;
+    size_t klen = sizeof key - 1, i;
     long long t = 0;
     const char *at, *end;
-    if (n < 10 || memcmp(p, "{\"time\":", 8) != 0 || p[n - 1] != '}')
-        return 0;
-    while (i < n && p[i] >= '0' && p[i] <= '9' && i < 26)
-        t = t * 10 + (p[i++] - '0');
-    if (i == 8 || i >= n || p[i] != ',')
+    if ((i = row_time(p, n, &t)) == 0)
         return 0;
     if (*back > 0 && *back <= n - i && memcmp(p + n - *back, key, klen) == 0) {
         at = p + n - *back;
@@ -206,13 +219,9 @@ typedef struct {
 static int
 c_row(const char *p, size_t n, long long *time_ms, long long *version, size_t *cut)
 {
-    size_t i = 8, digits, at;
+    size_t i, digits, at;
     long long t = 0, v = 0;
-    if (n < 16 || memcmp(p, "{\"time\":", 8) != 0 || p[n - 1] != '}')
-        return 0;
-    while (i < n && p[i] >= '0' && p[i] <= '9' && i < 26)
-        t = t * 10 + (p[i++] - '0');
-    if (i == 8 || i >= n || p[i] != ',')
+    if (n < 16 || (i = row_time(p, n, &t)) == 0)
         return 0;
     digits = n - 1; /* the version's first digit */
     while (digits > i && p[digits - 1] >= '0' && p[digits - 1] <= '9')
@@ -290,9 +299,7 @@ scan_lines(const char *buf, size_t size, PyObject *rests, run_t *runs, size_t *n
             region = tail->region;
             region_len = tail->region_len;
         } else if (full_row(p, n, &t, &region, &region_len, &back)) {
-            cut = n;
-        } else {
-            region = NULL;
+            cut = n; /* c_row may have set it for a row whose template is not given */
         }
         if (region != NULL) {
             long long day = t / DAY_MS;
