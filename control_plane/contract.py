@@ -521,12 +521,12 @@ class GzipLines:
         self._compress = _deflate.compressobj(self.LEVEL, _deflate.DEFLATED, -_deflate.MAX_WBITS)
         # magic, deflate, no flags, mtime 0, "fastest" (level 1), OS unknown: as gzip.compress writes it
         self._out = [b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x04\xff"]
-        self._pending: list[bytes] = []
+        self._pending: list[bytes | memoryview] = []
         self._pending_size = 0
         self._crc = 0
         self._size = 0
 
-    def add(self, line: bytes) -> None:
+    def add(self, line: bytes | memoryview) -> None:
         self._pending.append(line)
         self._pending_size += len(line)
         if self._pending_size >= 1 << 16:
@@ -547,7 +547,7 @@ class GzipLines:
         return b"".join(self._out)
 
 
-def gzip_member(data: bytes) -> bytes:
+def gzip_member(data: bytes | memoryview) -> bytes:
     """`gzip.compress(data, compresslevel=1, mtime=0)`, on the deflate GzipLines uses."""
     member = GzipLines()
     member.add(data)

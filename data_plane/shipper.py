@@ -222,6 +222,8 @@ class Shipper:
 
     def _ship_recording(self, directory: Path, meta: dict[str, Any], progress: dict[str, Any], due: bool,
                         closed: bool) -> int:
+        """Chunks of the recording from the shipped offset: full ones, and the rest too when `due`. Each byte
+        is read and verified once: the chunks are cut from one read of up to MAX_READ bytes."""
         path = directory / "recording.bin"
         written = 0
         while True:
@@ -238,27 +240,31 @@ class Shipper:
             # A live session's file may be written in place (the C data path maps it), so a record is
             # taken only once its link verifies: a partly visible one never ships.
             end = complete_prefix(data) if closed else verified_prefix(data, bytes.fromhex(progress["prev_hash"]))[0]
-            if end == 0:
-                return written
-            data = data[:end]
-            # Cut at whole records, and keep chunks near the target size.
-            cut = end
-            if end > self.chunk_bytes:
+            view = memoryview(data)[:end]
+            while view and (due or len(view) >= self.chunk_bytes):
                 # Whole records up to the target size; a single larger record goes alone.
-                cut = complete_prefix(data[: self.chunk_bytes]) or complete_prefix(data[: first_record_size(data)])
-            chunk = data[:cut]
-            key = recording_chunk_key(_dt(float(meta["started_at"])), meta["session_id"], int(progress["chunk"]))
-            # Level 1: on a busy gateway the shipper shares the cores with the relay; size matters less.
-            body = gzip_member(chunk)
-            self.s3.put_object(Bucket=self.recordings_bucket, Key=key, Body=body, ChecksumAlgorithm="SHA256",
-                               ContentType="application/vnd.proctor.recording", ContentEncoding="gzip",
-                               Metadata={"session-id": meta["session_id"], "first-prev-hash": progress["prev_hash"],
-                                         "last-hash": chunk[-32:].hex()})
-            now = time.time()
-            progress.update(recording_offset=int(progress["recording_offset"]) + cut, chunk=int(progress["chunk"]) + 1,
-                            prev_hash=chunk[-32:].hex(), shipped_at=now, recording_shipped_at=now)
-            _save_progress(directory, progress)
-            written += 1
+                cut = len(view)
+                if cut > self.chunk_bytes:
+                    cut = complete_prefix(view[: self.chunk_bytes]) or first_record_size(view)
+                self._put_chunk(directory, meta, progress, view[:cut])
+                view = view[cut:]
+                written += 1
+            if end == 0 or view:  # nothing whole yet, or the rest waits for a full chunk
+                return written
+
+    def _put_chunk(self, directory: Path, meta: dict[str, Any], progress: dict[str, Any], chunk: memoryview) -> None:
+        key = recording_chunk_key(_dt(float(meta["started_at"])), meta["session_id"], int(progress["chunk"]))
+        # Level 1: on a busy gateway the shipper shares the cores with the relay; size matters less.
+        body = gzip_member(chunk)
+        last_hash = chunk[-32:].hex()
+        self.s3.put_object(Bucket=self.recordings_bucket, Key=key, Body=body, ChecksumAlgorithm="SHA256",
+                           ContentType="application/vnd.proctor.recording", ContentEncoding="gzip",
+                           Metadata={"session-id": meta["session_id"], "first-prev-hash": progress["prev_hash"],
+                                     "last-hash": last_hash})
+        now = time.time()
+        progress.update(recording_offset=int(progress["recording_offset"]) + len(chunk),
+                        chunk=int(progress["chunk"]) + 1, prev_hash=last_hash, shipped_at=now, recording_shipped_at=now)
+        _save_progress(directory, progress)
 
     def _read_events(self, directory: Path, session_id: str, progress: dict[str, Any],
                      events: EventBatch) -> tuple[int, int]:

@@ -287,6 +287,33 @@ def test_open_session_ships_full_chunks_and_keeps_the_rest_until_due(s3: Any, sp
     assert not evidence.directory.exists()
 
 
+def test_a_live_recording_is_read_and_verified_once_for_all_its_chunks(s3: Any, spool: Spool,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """Cutting many chunks from one read: re-reading (and re-hashing) the rest after every chunk made a
+    1M-row session's shipping cost several times the relay's own CPU."""
+    import data_plane.shipper as shipper_module
+
+    verified: list[int] = []
+    real = shipper_module.verified_prefix
+
+    def counting(data: bytes | memoryview, prev: bytes) -> tuple[int, bytes]:
+        verified.append(len(data))
+        return real(data, prev)
+
+    monkeypatch.setattr(shipper_module, "verified_prefix", counting)
+    evidence = open_session(spool)
+    payloads = record_some(evidence, count=40, size=100)  # ~6 KB: five full 1 KB chunks and a remainder
+    size = (evidence.directory / "recording.bin").stat().st_size
+    ship = shipper(s3, spool, chunk_bytes=1024, recording_delay=3600)
+    ship.ship_once()
+    sid = evidence.session_id
+    assert len(recording_keys(s3, sid)) >= 5
+    assert sum(verified) == size  # each byte once, not once per chunk shipped
+    evidence.close({"ended_at": STARTED + 1})
+    ship.ship_once()
+    assert [r.payload for r in verified_records(s3, sid)] == payloads
+
+
 # ------------------------------------------------------------------------------------------------
 # open and orphaned sessions
 # ------------------------------------------------------------------------------------------------
