@@ -590,18 +590,6 @@ def psql_wall_times(ep: Endpoint, sql: str, repeat: int,
     return times
 
 
-def transfer_figures(ep: Endpoint, sql: str, repeat: int, payload: int,
-                     settle: Callable[[], float] | None = None) -> tuple[Figure, Figure]:
-    """Median wall time and MB/s; `settle` (if any) runs before each run and says how long it waited."""
-    waits: list[float] = []
-    times = psql_wall_times(ep, sql, repeat, (lambda: waits.append(settle())) if settle else None)
-    wall = statistics.median(times)
-    note = "runs " + ", ".join(f"{t:.2f}" for t in times) + " s"
-    if waits:
-        note += f"; before each, the gateway went quiet within {max(waits):.1f} s"
-    return Figure(wall, note=note), Figure(payload / 1e6 / wall)
-
-
 def process_tree_cpu(pid: int) -> float:
     total = 0.0
     for each in (pid, *descendants(pid)):
@@ -845,11 +833,16 @@ def run_transfer_suite(bench: Bench) -> None:
         attempt_rounds(bench, f"{name}-wall", suite_paths("transfer"),
                        lambda p, s=sql: Figure(psql_wall_times(bench.endpoints[p], s, 1)[0]),
                        rounds=bench.args.repeat, spread="{:.2f} s")
-        for path in suite_paths("transfer"):
-            wall = bench.results[f"{name}-wall"][path]
-            mbps = bench.payload_bytes[name] / 1e6
-            bench.record(f"{name}-mbps", path, wall if wall.value is None else
-                         Figure(mbps / wall.value, rounds=tuple(mbps / t for t in wall.rounds)))
+        record_mbps(bench, name, name, suite_paths("transfer"))
+
+
+def record_mbps(bench: Bench, name: str, payload: str, paths: tuple[str, ...]) -> None:
+    """MB/s of each path's `{name}-wall` runs, for `payload`'s bytes."""
+    mb = bench.payload_bytes[payload] / 1e6
+    for path in paths:
+        wall = bench.results[f"{name}-wall"][path]
+        bench.record(f"{name}-mbps", path, wall if wall.value is None else
+                     Figure(mb / wall.value, rounds=tuple(mb / t for t in wall.rounds)))
 
 
 
@@ -890,14 +883,15 @@ def run_masking_suite(bench: Bench) -> None:
     log(f"sanity check: {GATEWAY_MASKED} masks e-mail and card number, direct returns them clear")
     with contextlib.suppress(RuntimeError, subprocess.TimeoutExpired):  # page cache warm-up, not recorded
         psql_wall_times(direct, PEOPLE_SQL, 1)
-    gateway_pid = (bench.state.get("pids") or {}).get("gateway")
-    settle = (lambda: wait_until_quiet(gateway_pid)) if gateway_pid else None
     runs = (("masked", PEOPLE_SQL, "people", suite_paths("masking")),
             ("fastpath", SELECT_SQL, "select", (GATEWAY_NO_GUARDRAILS, GATEWAY_MASKED)))
     for name, sql, payload, paths in runs:
-        for path in paths:
-            attempt(bench, [f"{name}-wall", f"{name}-mbps"], path, lambda p=path, s=sql, b=payload:
-                    transfer_figures(bench.endpoints[p], s, bench.args.repeat, bench.payload_bytes[b], settle))
+        # Interleaved rounds, as in the transfer suite: run after run of one path would compare the paths at
+        # different moments of the machine's speed.
+        attempt_rounds(bench, f"{name}-wall", paths,
+                       lambda p, s=sql: Figure(psql_wall_times(bench.endpoints[p], s, 1)[0]),
+                       rounds=bench.args.repeat, spread="{:.2f} s")
+        record_mbps(bench, name, payload, paths)
 
 
 def latency_figures(ep: Endpoint, count: int) -> tuple[Figure, Figure]:
@@ -1115,10 +1109,10 @@ def parameters(bench: Bench) -> list[str]:
          f"its four columns masked by the policy of {GATEWAY_MASKED}: " + "; ".join(
              f"`{rule['name']}` {', '.join(rule['columns'])} → {rule['method']}"
              + (f" (keep_last {rule['keep_last']})" if "keep_last" in rule else "") for rule in MASK_RULES)
-         + f"; psql as in the transfer suite, median of {a.repeat} runs, after one unrecorded warm-up run "
-         "(direct); before each run (every path) the script waits until the gateway process and its children use "
-         "under 10% of a core over 0.5 s (at most 60 s): the gateway records, seals and ships a 1M-row session for "
-         "seconds after it ends, which would otherwise slow whichever run comes next; "
+         + f"; psql as in the transfer suite, median of {a.repeat} interleaved rounds over the paths, after one "
+         "unrecorded warm-up run (direct); before each run (every path) the script waits until the gateways, their "
+         "shippers and moto are quiet, as for the transfer suite: the gateway records, seals and ships a 1M-row "
+         "session for seconds after it ends, which would otherwise slow whichever run comes next; "
          f"MB/s = {payload.get('people', 0):,} bytes of the clear result's DataRow messages "
          f"({payload.get('people-rows', 0):,} rows) / wall time on every path (the masked result is larger on the "
          "wire: a 34-character hash for each e-mail), so the MB/s ratios are the inverse of the wall-time ratios; "
