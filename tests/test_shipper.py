@@ -314,6 +314,26 @@ def test_a_live_recording_is_read_and_verified_once_for_all_its_chunks(s3: Any, 
     assert [r.payload for r in verified_records(s3, sid)] == payloads
 
 
+@pytest.mark.parametrize("closed", [True, False], ids=["closed", "live"])
+def test_a_record_larger_than_one_read_still_ships(s3: Any, spool: Spool, monkeypatch: pytest.MonkeyPatch,
+                                                   closed: bool) -> None:
+    """A masked message can make one record of up to max_message_bytes, more than the shipper reads at once."""
+    import data_plane.shipper as shipper_module
+
+    monkeypatch.setattr(shipper_module, "MAX_READ", 256)
+    evidence = open_session(spool)
+    payloads = record_some(evidence, count=2, size=40)
+    big = b"m" * 3000
+    evidence.record(FROM_SERVER, big)
+    payloads += [big, *record_some(evidence, count=2, size=40)]
+    if closed:
+        evidence.close({"ended_at": STARTED + 1})
+    shipper(s3, spool, chunk_bytes=1024, recording_delay=0).ship_once()
+    records = verified_records(s3, evidence.session_id)
+    assert [r.payload for r in records] == payloads
+    assert evidence.directory.exists() is not closed
+
+
 # ------------------------------------------------------------------------------------------------
 # open and orphaned sessions
 # ------------------------------------------------------------------------------------------------
