@@ -244,9 +244,9 @@ class Shipper:
             with open(path, "rb") as fh:
                 fh.seek(int(progress["recording_offset"]))
                 data = fh.read(min(pending, MAX_READ))
-                if len(data) < pending and len(data) >= HEADER.size and first_record_size(data) > len(data):
+                if len(data) >= HEADER.size and (first := first_record_size(data)) > len(data):
                     # One record larger than a read (a masked message up to max_message_bytes): read all of it.
-                    data += fh.read(min(pending, first_record_size(data)) - len(data))
+                    data += fh.read(min(pending, first) - len(data))
             # A live session's file may be written in place (the C data path maps it), so a record is
             # taken only once its link verifies: a partly visible one never ships.
             end = complete_prefix(data) if closed else verified_prefix(data, bytes.fromhex(progress["prev_hash"]))[0]

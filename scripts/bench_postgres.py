@@ -573,21 +573,15 @@ def pgbench_tps(ep: Endpoint, protocol: str, clients: int, threads: int, duratio
     return Figure(float(match.group(1)), note=note)
 
 
-def psql_wall_times(ep: Endpoint, sql: str, repeat: int,
-                    before_each: Callable[[], object] | None = None) -> list[float]:
+def psql_wall_time(ep: Endpoint, sql: str) -> float:
     """Wall time of a psql process that reads everything and discards it (includes its connect)."""
     argv = [tool("psql"), "-X", "-q", "-A", "-t", "-v", "ON_ERROR_STOP=1", "-o", "/dev/null", "-c", sql]
-    times = []
-    for _ in range(repeat):
-        if before_each is not None:
-            before_each()
-        started = time.perf_counter()
-        out = subprocess.run(argv, env=ep.env(), capture_output=True, text=True, check=False, timeout=600)
-        elapsed = time.perf_counter() - started
-        if out.returncode != 0:
-            raise RuntimeError(f"psql exit {out.returncode}: {out.stderr.strip()[-400:]}")
-        times.append(elapsed)
-    return times
+    started = time.perf_counter()
+    out = subprocess.run(argv, env=ep.env(), capture_output=True, text=True, check=False, timeout=600)
+    elapsed = time.perf_counter() - started
+    if out.returncode != 0:
+        raise RuntimeError(f"psql exit {out.returncode}: {out.stderr.strip()[-400:]}")
+    return elapsed
 
 
 def process_tree_cpu(pid: int) -> float:
@@ -825,19 +819,19 @@ def attempt_rounds(bench: Bench, key: str, paths: tuple[str, ...], run: Callable
 def run_transfer_suite(bench: Bench) -> None:
     suite_start(bench, "transfer")
     with contextlib.suppress(RuntimeError, subprocess.TimeoutExpired):  # page cache warm-up, not recorded
-        psql_wall_times(bench.endpoints["direct"], SELECT_SQL, 1)
+        psql_wall_time(bench.endpoints["direct"], SELECT_SQL)
     for name, sql in (("select", SELECT_SQL), ("copy", COPY_SQL)):
         # Interleaved rounds, each run after the gateways went quiet: run after run of one path would measure
         # the next run beside the previous one's shipping (a 1M-row session's recording is ~100 MB to verify,
         # compress and upload), and the machine's mood of the moment as much as the path.
-        attempt_rounds(bench, f"{name}-wall", suite_paths("transfer"),
-                       lambda p, s=sql: Figure(psql_wall_times(bench.endpoints[p], s, 1)[0]),
-                       rounds=bench.args.repeat, spread="{:.2f} s")
-        record_mbps(bench, name, name, suite_paths("transfer"))
+        transfer_rounds(bench, name, sql, name, suite_paths("transfer"))
 
 
-def record_mbps(bench: Bench, name: str, payload: str, paths: tuple[str, ...]) -> None:
-    """MB/s of each path's `{name}-wall` runs, for `payload`'s bytes."""
+def transfer_rounds(bench: Bench, name: str, sql: str, payload: str, paths: tuple[str, ...]) -> None:
+    """`--repeat` interleaved rounds of psql running `sql` over `paths`: `{name}-wall`, and `{name}-mbps` for
+    `payload`'s bytes."""
+    attempt_rounds(bench, f"{name}-wall", paths, lambda p: Figure(psql_wall_time(bench.endpoints[p], sql)),
+                   rounds=bench.args.repeat, spread="{:.2f} s")
     mb = bench.payload_bytes[payload] / 1e6
     for path in paths:
         wall = bench.results[f"{name}-wall"][path]
@@ -882,16 +876,13 @@ def run_masking_suite(bench: Bench) -> None:
         return
     log(f"sanity check: {GATEWAY_MASKED} masks e-mail and card number, direct returns them clear")
     with contextlib.suppress(RuntimeError, subprocess.TimeoutExpired):  # page cache warm-up, not recorded
-        psql_wall_times(direct, PEOPLE_SQL, 1)
+        psql_wall_time(direct, PEOPLE_SQL)
     runs = (("masked", PEOPLE_SQL, "people", suite_paths("masking")),
             ("fastpath", SELECT_SQL, "select", (GATEWAY_NO_GUARDRAILS, GATEWAY_MASKED)))
     for name, sql, payload, paths in runs:
         # Interleaved rounds, as in the transfer suite: run after run of one path would compare the paths at
         # different moments of the machine's speed.
-        attempt_rounds(bench, f"{name}-wall", paths,
-                       lambda p, s=sql: Figure(psql_wall_times(bench.endpoints[p], s, 1)[0]),
-                       rounds=bench.args.repeat, spread="{:.2f} s")
-        record_mbps(bench, name, payload, paths)
+        transfer_rounds(bench, name, sql, payload, paths)
 
 
 def latency_figures(ep: Endpoint, count: int) -> tuple[Figure, Figure]:

@@ -21,6 +21,7 @@ import pytest
 from botocore.exceptions import ClientError
 from moto import mock_aws
 
+import data_plane.shipper as shipper_module
 from control_plane.contract import (
     C_ROW_MAY_SET,
     C_ROW_SETS,
@@ -291,8 +292,6 @@ def test_a_live_recording_is_read_and_verified_once_for_all_its_chunks(s3: Any, 
                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     """Cutting many chunks from one read: re-reading (and re-hashing) the rest after every chunk made a
     1M-row session's shipping cost several times the relay's own CPU."""
-    import data_plane.shipper as shipper_module
-
     verified: list[int] = []
     real = shipper_module.verified_prefix
 
@@ -318,8 +317,6 @@ def test_a_live_recording_is_read_and_verified_once_for_all_its_chunks(s3: Any, 
 def test_a_record_larger_than_one_read_still_ships(s3: Any, spool: Spool, monkeypatch: pytest.MonkeyPatch,
                                                    closed: bool) -> None:
     """A masked message can make one record of up to max_message_bytes, more than the shipper reads at once."""
-    import data_plane.shipper as shipper_module
-
     monkeypatch.setattr(shipper_module, "MAX_READ", 256)
     evidence = open_session(spool)
     payloads = record_some(evidence, count=2, size=40)
