@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from data_plane.core import recording as rec
-from data_plane.core.recording import ChainBroken, RecordingWriter, complete_prefix, genesis, read_records
+from data_plane.core.recording import ChainBroken, RecordingWriter, genesis, read_records
 
 SESSION = "s20250101000000abcdef012345"
 RECORDS: list[tuple[int, int, bytes]] = [
@@ -144,8 +144,13 @@ def test_reordering_two_records_breaks_the_chain(recording: tuple[bytes, Recordi
         list(read_records(swapped, genesis(SESSION)))
 
 
+COMPLETE_PREFIXES = pytest.mark.parametrize("complete_prefix", [rec._complete_prefix_py, rec.complete_prefix],
+                                            ids=["python", "module"])
+
+
+@COMPLETE_PREFIXES
 def test_truncated_recording_is_detected_and_complete_prefix_keeps_whole_records(
-        recording: tuple[bytes, RecordingWriter]) -> None:
+        recording: tuple[bytes, RecordingWriter], complete_prefix: Callable[..., int]) -> None:
     data, _ = recording
     spans = record_spans(data)
     for cut in (spans[3][0] + 1, spans[3][0] + rec.HEADER.size + 2, spans[3][1] - 1):
@@ -157,7 +162,9 @@ def test_truncated_recording_is_detected_and_complete_prefix_keeps_whole_records
         assert len(list(read_records(truncated[:prefix], genesis(SESSION)))) == 3
 
 
-def test_complete_prefix_of_whole_records_is_everything(recording: tuple[bytes, RecordingWriter]) -> None:
+@COMPLETE_PREFIXES
+def test_complete_prefix_of_whole_records_is_everything(recording: tuple[bytes, RecordingWriter],
+                                                        complete_prefix: Callable[..., int]) -> None:
     data, _ = recording
     assert complete_prefix(data) == len(data)
     assert complete_prefix(memoryview(data)) == len(data)
@@ -264,9 +271,14 @@ def test_the_verified_prefix_is_the_records_whose_links_verify(
                                                                                       data[-32:])
 
 
-def test_a_zero_header_ends_the_complete_prefix(tmp_path: Path) -> None:
+@COMPLETE_PREFIXES
+def test_a_zero_header_ends_the_complete_prefix(tmp_path: Path, complete_prefix: Callable[..., int]) -> None:
     writer = rec.RecordingWriter(tmp_path / "r.bin", SESSION)
     writer.append(rec.FROM_CLIENT, rec.WIRE, b"SELECT 1")
+    writer.append(rec.FROM_SERVER, rec.WIRE, b"")
     writer.close()
     data = (tmp_path / "r.bin").read_bytes()
-    assert rec.complete_prefix(data + bytes(4096)) == len(data)
+    assert complete_prefix(data + bytes(4096)) == len(data)
+    assert complete_prefix(memoryview(data + bytes(4096))[:-1]) == len(data)
+    negative_zero = rec.HEADER.pack(2, -0.0, rec.FROM_CLIENT, rec.WIRE, 0) + bytes(rec.HASH_SIZE)
+    assert complete_prefix(data + negative_zero) == len(data)

@@ -1,9 +1,9 @@
 /* The recording's hot path: one record hash-chained and written with one writev — the C twin of
  * recording._append_py (same bytes, same hash; tests compare them). Every chunk the gateway
  * relays goes through it, twice per round trip, so it is worth a few hundred nanoseconds. The
- * shipper's two loops over a spool live here too: the records of a live session whose links verify,
- * and the C data path's evidence rows by partition, completed with their template's members (each
- * with a Python twin). */
+ * shipper's loops over a spool live here too: a recording's whole records, those of a live session whose
+ * links verify, and the C data path's evidence rows by partition, completed with their template's
+ * members (each with a Python twin). */
 #define _GNU_SOURCE /* memmem */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -112,6 +112,39 @@ verified_prefix(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     Py_END_ALLOW_THREADS
     PyBuffer_Release(&data);
     return Py_BuildValue("(ny#)", (Py_ssize_t)pos, (const char *)prev, (Py_ssize_t)RECORD_HASH_SIZE);
+}
+
+/* complete_prefix(data) -> end: the longest run of whole records at the start of data, ended by a header
+ * whose time is zero, where a mapped spool's unwritten zeros begin (the twin of
+ * recording._complete_prefix_py). The shipper cuts every closed recording with it, record by record. */
+static PyObject *
+complete_prefix(PyObject *module, PyObject *arg)
+{
+    Py_buffer data;
+    size_t pos = 0;
+    (void)module;
+    if (PyObject_GetBuffer(arg, &data, PyBUF_SIMPLE) < 0)
+        return NULL;
+    Py_BEGIN_ALLOW_THREADS
+    for (;;) {
+        const unsigned char *p = (const unsigned char *)data.buf + pos;
+        size_t left = (size_t)data.len - pos, n;
+        uint64_t time_bits = 0;
+        int i;
+        if (left < RECORD_HEADER_SIZE)
+            break;
+        for (i = 8; i < 16; i++)
+            time_bits = (time_bits << 8) | p[i];
+        if ((time_bits & ~((uint64_t)1 << 63)) == 0) /* +0.0 or -0.0: no record was written here */
+            break;
+        n = ((size_t)p[18] << 24) | ((size_t)p[19] << 16) | ((size_t)p[20] << 8) | p[21];
+        if (left - RECORD_HEADER_SIZE < RECORD_HASH_SIZE || n > left - RECORD_HEADER_SIZE - RECORD_HASH_SIZE)
+            break;
+        pos += RECORD_HEADER_SIZE + n + RECORD_HASH_SIZE;
+    }
+    Py_END_ALLOW_THREADS
+    PyBuffer_Release(&data);
+    return PyLong_FromSsize_t((Py_ssize_t)pos);
 }
 
 /* ---------------------------------------------------------------------------------------------- */
@@ -429,6 +462,8 @@ static PyMethodDef methods[] = {
      "append(fd, prev_hash, seq, time, direction, kind, payload) -> hash: write one record"},
     {"verified_prefix", (PyCFunction)(void (*)(void))verified_prefix, METH_FASTCALL,
      "verified_prefix(data, prev_hash) -> (end, last_hash): the whole records at the start whose links verify"},
+    {"complete_prefix", complete_prefix, METH_O,
+     "complete_prefix(data) -> end: the whole records at the start, up to a header with a zero time"},
     {"full_row_runs", (PyCFunction)(void (*)(void))full_row_runs, METH_FASTCALL,
      "full_row_runs(lines, rests=None) -> ([(first time, region, lines, count)], [other line]): full evidence "
      "rows, and C rows completed with their template's members, by partition"},

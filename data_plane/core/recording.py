@@ -171,9 +171,9 @@ class RecordingWriter:
             self._fd = -1
 
 
-def complete_prefix(data: bytes | memoryview) -> int:
+def _complete_prefix_py(data: bytes | memoryview) -> int:
     """Length of the longest run of whole records at the start of `data`; a header with a zero time
-    is where a mapped spool's unwritten zeros begin, and ends it."""
+    is where a mapped spool's unwritten zeros begin, and ends it. The C twin is `_recording.complete_prefix`."""
     pos, n = 0, len(data)
     while pos + HEADER.size <= n:
         _, ts, _, _, length = HEADER.unpack_from(data, pos)
@@ -184,6 +184,10 @@ def complete_prefix(data: bytes | memoryview) -> int:
             break
         pos = end
     return pos
+
+
+complete_prefix: Callable[[bytes | memoryview], int] = (
+    _recording.complete_prefix if _recording is not None else _complete_prefix_py)
 
 
 def first_record_size(data: bytes | memoryview) -> int:
