@@ -609,9 +609,14 @@ def c_line(row: dict[str, Any], version: int) -> bytes:
     return orjson.dumps(mine)[:-1] + b',"tv":%d}' % version
 
 
-def test_c_rows_ship_completed_with_their_session_s_template(s3: Any, spool: Spool) -> None:
+@pytest.mark.parametrize("slice_bytes", [None, 1, 700], ids=["default", "each-line", "some-lines"])
+def test_c_rows_ship_completed_with_their_session_s_template(s3: Any, spool: Spool, slice_bytes: int | None,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
     """The C data path's statement rows leave the template's members to the shipper, which takes them from
-    the template file their `tv` names; what ships is the row Python's expansion makes."""
+    the template file their `tv` names; what ships is the row Python's expansion makes, however the
+    round's lines are cut into slices for completion."""
+    if slice_bytes is not None:
+        monkeypatch.setattr(shipper_module, "ROWS_SLICE_BYTES", slice_bytes)
     evidence = open_session(spool)
     expected = [event_row(evidence, "connect", 1)]
     for version, run_id in ((1, "run-1"), (2, "run-2")):  # a second grant mid-session: a second template
@@ -631,6 +636,18 @@ def test_c_rows_ship_completed_with_their_session_s_template(s3: Any, spool: Spo
     assert shipped == json.loads(json.dumps(sorted(expected, key=lambda r: r["seq"] or 0)))
     assert {r["pipeline_run_id"] for r in shipped if r["activity_name"] == "query"} == {"run-1", "run-2"}
     assert {key.split("/")[1] for key in event_keys(s3, evidence.session_id)} == {"dt=2025-03-04", "dt=2025-03-05"}
+
+
+def test_line_slices_cut_after_whole_lines() -> None:
+    lines = [b"a" * 10 + b"\n", b"b" * 3 + b"\n", b"c" * 40 + b"\n", b"d\n"]
+    data = b"".join(lines)
+    for size in (1, 5, 11, 15, 16, 60, 1000):
+        pieces = shipper_module.line_slices(data, size)
+        assert b"".join(pieces) == data
+        assert all(piece.endswith(b"\n") for piece in pieces)
+        assert all(len(piece) <= size or piece.count(b"\n") == 1 for piece in pieces)  # longer: one line alone
+    assert shipper_module.line_slices(data, 15) == [lines[0] + lines[1], lines[2], lines[3]]
+    assert shipper_module.line_slices(b"", 15) == []
 
 
 def test_the_c_and_python_full_row_runs_agree() -> None:
