@@ -265,7 +265,7 @@ try:
         query = m.query("SELECT %d" % i)
         harness.client.sendall(query)
         recv_exactly(harness.server, len(query))
-        result = answer("SELECT 1", b"x" * 300)
+        result = answer("SELECT 1", b"x" * int(sys.argv[2]))
         harness.server.sendall(result)
         recv_exactly(harness.client, len(result))
         relayed += 1
@@ -280,15 +280,36 @@ print(json.dumps({"kind": kind, "reason": state["reason"], "relayed": relayed, "
 """
 
 
-def test_a_full_disk_ends_the_session_and_leaves_only_whole_records(tmp_path: Path) -> None:
-    out = subprocess.run([sys.executable, "-c", _FULL_DISK, str(tmp_path)], capture_output=True, text=True,
-                         timeout=60, cwd=Path(__file__).resolve().parent.parent, check=False)
+@pytest.mark.parametrize("row_size", [300, 6000])  # records copied into the mapping; written past its end
+def test_a_full_disk_ends_the_session_and_leaves_only_whole_records(tmp_path: Path, row_size: int) -> None:
+    out = subprocess.run([sys.executable, "-c", _FULL_DISK, str(tmp_path), str(row_size)], capture_output=True,
+                         text=True, timeout=60, cwd=Path(__file__).resolve().parent.parent, check=False)
     assert out.returncode == 0, out.stderr[-2000:]
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result["kind"] == "done" and "cannot be written" in result["reason"]
     assert 0 < result["relayed"] < 200  # relayed while the records fit, not after
     assert result["size"] == result["recording_bytes"] <= 20_000  # cut back to the records it wrote whole
     assert result["records"] >= 2 * result["relayed"]
+
+
+def test_large_reads_are_written_into_blocks_allocated_ahead_and_the_file_is_cut_back(harness: Harness) -> None:
+    path = harness.tmp / "recording.bin"
+    query = m.query("SELECT * FROM big")
+    harness.client.sendall(query)
+    recv_exactly(harness.server, len(query))
+    result = answer("SELECT 40", *(bytes([65 + i % 26]) * 5000 for i in range(40)))  # ~200 KB of rows
+    harness.server.sendall(result)
+    assert recv_exactly(harness.client, len(result)) == result
+    live = os.stat(path)
+    assert live.st_size > len(result) and live.st_size % 4096 == 0  # a window ahead of what was written
+    assert live.st_blocks * 512 >= live.st_size  # allocated, not a hole
+    harness.client.sendall(m.terminate())
+    harness.client.shutdown(socket.SHUT_WR)
+    (kind, _, _, state), = harness.completions()
+    assert kind == "done"
+    assert os.stat(path).st_size == state["recording_bytes"]  # the zeros ahead are cut off
+    records = harness.records(state)
+    assert b"".join(r.payload for r in records if r.direction == FROM_SERVER) == result
 
 
 def test_a_new_shape_is_judged_then_passes_for_good(tmp_path: Path) -> None:
