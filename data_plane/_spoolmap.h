@@ -90,6 +90,19 @@ spoolmap_unmappable(spoolmap *m)
     errno = saved;
 }
 
+/* Allocates the file's blocks up to `to` (beyond the allocated end): 0, or -1 with errno set. */
+static int
+spoolmap_allocate(spoolmap *m, uint64_t to)
+{
+    int rc;
+    do {
+        rc = fallocate(m->map_fd, 0, (off_t)m->allocated, (off_t)(to - m->allocated));
+    } while (rc < 0 && errno == EINTR);
+    if (rc == 0)
+        m->allocated = to;
+    return rc;
+}
+
 /* Maps a window that holds n more bytes at the end: 0, or -1 with errno set (ENOSPC: the disk is
  * full; other failures set `unmappable`, and the caller appends instead). */
 static int
@@ -105,17 +118,10 @@ spoolmap_remap(spoolmap *m, size_t n)
         m->base = NULL;
         m->busy = 1;
     }
-    if (off + len > m->allocated) {
-        int rc;
-        do {
-            rc = fallocate(m->map_fd, 0, (off_t)m->allocated, (off_t)(off + len - m->allocated));
-        } while (rc < 0 && errno == EINTR);
-        if (rc < 0) {
-            if (errno != ENOSPC && errno != EDQUOT)
-                spoolmap_unmappable(m);
-            return -1;
-        }
-        m->allocated = off + len;
+    if (off + len > m->allocated && spoolmap_allocate(m, off + len) < 0) {
+        if (errno != ENOSPC && errno != EDQUOT)
+            spoolmap_unmappable(m);
+        return -1;
     }
     p = mmap(NULL, len, PROT_READ | PROT_WRITE, MAP_SHARED, m->map_fd, (off_t)off);
     if (p == MAP_FAILED) {
@@ -180,21 +186,13 @@ static int
 spoolmap_preallocate(spoolmap *m, size_t n)
 {
     uint64_t to = (m->end + n + m->window - 1) & ~((uint64_t)m->window - 1);
-    int rc, full;
-    for (;;) {
-        do {
-            rc = fallocate(m->map_fd, 0, (off_t)m->allocated, (off_t)(to - m->allocated));
-        } while (rc < 0 && errno == EINTR);
-        if (rc == 0)
-            break;
-        full = errno == ENOSPC || errno == EDQUOT || errno == EFBIG;
-        if (!full)
+    while (spoolmap_allocate(m, to) < 0) {
+        if (errno != ENOSPC && errno != EDQUOT && errno != EFBIG)
             return 0;
         if (to == m->end + n)
             return -1;
         to = m->end + n; /* no room for the window: only for this write */
     }
-    m->allocated = to;
     if (m->window < SPOOLMAP_MAX_WINDOW)
         m->window *= 2;
     return 0;
